@@ -1,0 +1,73 @@
+//! Embedded migrations, run through a blocking connection on a blocking thread.
+
+use diesel::Connection;
+use diesel_async::AsyncPgConnection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+/// The inbox table and its index.
+pub const INBOX_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/inbox");
+
+/// Migrations could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrationError {
+    /// No connection to the database.
+    #[error("cannot connect to {url} to run migrations: {source}")]
+    Connect {
+        /// The database URL, without credentials.
+        url: String,
+        /// The driver's error.
+        source: diesel::ConnectionError,
+    },
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Apply(String),
+    /// The blocking task did not finish.
+    #[error("migration task failed: {0}")]
+    Task(String),
+}
+
+/// Applies every pending migration of `migrations` to `database_url`; already applied ones
+/// are skipped, so calling it at every start-up is safe. Works on any tokio runtime.
+pub async fn run_migrations(
+    database_url: &str,
+    migrations: EmbeddedMigrations,
+) -> Result<usize, MigrationError> {
+    let url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut conn =
+            AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url).map_err(|source| {
+                MigrationError::Connect {
+                    url: redact(&url),
+                    source,
+                }
+            })?;
+        conn.run_pending_migrations(migrations)
+            .map(|applied| applied.len())
+            .map_err(|e| MigrationError::Apply(e.to_string()))
+    })
+    .await
+    .map_err(|e| MigrationError::Task(e.to_string()))?
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_credentials() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://***@h/db"
+        );
+        assert_eq!(super::redact("postgres://h/db"), "postgres://h/db");
+    }
+}

@@ -1,0 +1,334 @@
+//! The inbox store: the transactional `run`, failure records, look-ups and retention.
+
+use crate::pool::{Pool, PoolError};
+use crate::schema::message_inbox::dsl as inbox;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::FutureExt;
+use oncely_core::{Envelope, HandlerError};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// A boxed, `Send` future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Longest error text kept in the inbox.
+const MAX_ERROR_MESSAGE_CHARS: usize = 2000;
+
+/// What [`Inbox::run`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler ran and its change committed with the inbox row.
+    Processed {
+        /// How many times the handler has run for this message, this time included.
+        attempts: i32,
+    },
+    /// The message was processed before; the handler did not run.
+    Duplicate,
+}
+
+/// [`Inbox::run`] failed; nothing of the handler's work was committed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InboxError {
+    /// The handler returned an error (or panicked); the transaction was rolled back.
+    #[error("handler failed: {0}")]
+    Handler(HandlerError),
+    /// The claim, the commit or the connection failed. Whether the commit happened may be
+    /// unknown: redeliver the message and let the claim tell.
+    #[error("inbox database error: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// No connection could be had from the pool.
+    #[error("no database connection: {0}")]
+    Pool(#[from] PoolError),
+}
+
+impl InboxError {
+    /// True for database and pool failures: the message itself is not at fault.
+    pub fn is_infrastructure(&self) -> bool {
+        !matches!(self, InboxError::Handler(_))
+    }
+}
+
+/// One inbox row, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = crate::schema::message_inbox)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct InboxRow {
+    /// Consumer name.
+    pub consumer_name: String,
+    /// Message id.
+    pub message_id: String,
+    /// `processed` or `failed`.
+    pub status: String,
+    /// How many times the handler ran.
+    pub attempts: i32,
+    /// First seen.
+    pub received_at: DateTime<Utc>,
+    /// Commit time of the processing transaction.
+    pub processed_at: Option<DateTime<Utc>>,
+    /// Code of the last failure.
+    pub error_code: Option<String>,
+    /// Text of the last failure.
+    pub error_message: Option<String>,
+}
+
+enum TxError {
+    Db(diesel::result::Error),
+    Handler(HandlerError),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(e: diesel::result::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+/// The inbox over a connection pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Inbox {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("pool", &self.pool.state())
+            .finish()
+    }
+}
+
+impl Inbox {
+    /// An inbox on `pool`; run [`crate::run_migrations`] with [`crate::INBOX_MIGRATIONS`] first.
+    pub fn new(pool: Pool) -> Self {
+        Inbox { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Claims `(consumer, envelope.message_id)`, runs `handler` and marks the message processed,
+    /// all in one transaction.
+    ///
+    /// A handler error or panic rolls everything back; the failure is then recorded in a separate
+    /// short transaction (status `failed`, attempts, error code and text) and returned.
+    pub async fn run<T, F>(
+        &self,
+        consumer: &str,
+        envelope: Envelope<T>,
+        handler: F,
+    ) -> Result<Outcome, InboxError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut AsyncPgConnection,
+                Envelope<T>,
+            ) -> BoxFuture<'c, Result<(), HandlerError>>
+            + Send,
+    {
+        let message_id = envelope.metadata.message_id.clone();
+        let mut conn = self.pool.get().await?;
+        let result = conn
+            .transaction::<Outcome, TxError, _>(async |conn| {
+                let Some(attempts) = claim(conn, consumer, &message_id).await? else {
+                    return Ok(Outcome::Duplicate);
+                };
+                let handled = AssertUnwindSafe(handler(conn, envelope))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(panic_error(panic)));
+                handled.map_err(TxError::Handler)?;
+                Ok(Outcome::Processed { attempts })
+            })
+            .await;
+        drop(conn);
+        match result {
+            Ok(outcome) => Ok(outcome),
+            Err(TxError::Db(e)) => Err(InboxError::Database(e)),
+            Err(TxError::Handler(e)) => {
+                if let Err(record) = self.record_failure(consumer, &message_id, &e).await {
+                    tracing::warn!(%record, consumer, message_id, "could not record handler failure in the inbox");
+                }
+                Err(InboxError::Handler(e))
+            }
+        }
+    }
+
+    /// Records a failed attempt: status `failed`, attempts + 1, the error code and text.
+    /// A row already `processed` is left alone.
+    pub async fn record_failure(
+        &self,
+        consumer: &str,
+        message_id: &str,
+        error: &HandlerError,
+    ) -> Result<(), InboxError> {
+        let mut conn = self.pool.get().await?;
+        let text = truncate(error.message(), MAX_ERROR_MESSAGE_CHARS);
+        let upsert = diesel::insert_into(inbox::message_inbox)
+            .values((
+                inbox::consumer_name.eq(consumer),
+                inbox::message_id.eq(message_id),
+                inbox::status.eq("failed"),
+                inbox::attempts.eq(1),
+                inbox::error_code.eq(error.code()),
+                inbox::error_message.eq(text),
+            ))
+            .on_conflict((inbox::consumer_name, inbox::message_id))
+            .do_update()
+            .set((
+                inbox::status.eq("failed"),
+                inbox::attempts.eq(inbox::attempts + 1),
+                inbox::error_code.eq(error.code()),
+                inbox::error_message.eq(text),
+            ));
+        // ON CONFLICT .. DO UPDATE .. WHERE: `filter` here is the upsert's, not QueryDsl's.
+        diesel::query_dsl::methods::FilterDsl::filter(upsert, inbox::status.ne("processed"))
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The inbox row of `(consumer, message_id)`, if any.
+    pub async fn find(
+        &self,
+        consumer: &str,
+        message_id: &str,
+    ) -> Result<Option<InboxRow>, InboxError> {
+        let mut conn = self.pool.get().await?;
+        Ok(inbox::message_inbox
+            .find((consumer, message_id))
+            .select(InboxRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// Number of processed messages of `consumer`.
+    pub async fn count_processed(&self, consumer: &str) -> Result<i64, InboxError> {
+        let mut conn = self.pool.get().await?;
+        Ok(inbox::message_inbox
+            .filter(inbox::consumer_name.eq(consumer))
+            .filter(inbox::status.eq("processed"))
+            .count()
+            .get_result(&mut conn)
+            .await?)
+    }
+
+    /// Deletes processed rows older than `retention`, `batch` rows per statement, and returns
+    /// how many went.
+    ///
+    /// A message redelivered after its row is gone is processed again: keep `retention` well
+    /// above the longest time a message can stay in a queue, a retry tier or the DLQ before
+    /// being replayed.
+    pub async fn purge_processed(
+        &self,
+        retention: Duration,
+        batch: i64,
+    ) -> Result<u64, InboxError> {
+        let cutoff =
+            Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let mut total = 0u64;
+        loop {
+            let mut conn = self.pool.get().await?;
+            let doomed = inbox::message_inbox
+                .select((inbox::consumer_name, inbox::message_id))
+                .filter(inbox::status.eq("processed"))
+                .filter(inbox::processed_at.lt(cutoff))
+                .limit(batch.max(1))
+                .load::<(String, String)>(&mut conn)
+                .await?;
+            if doomed.is_empty() {
+                return Ok(total);
+            }
+            let mut deleted = 0;
+            for chunk in doomed.chunks(500) {
+                let (consumers, ids): (Vec<_>, Vec<_>) = chunk.iter().cloned().unzip();
+                deleted += diesel::sql_query(
+                    "DELETE FROM message_inbox m USING unnest($1::text[], $2::text[]) AS d(c, i) \
+                     WHERE m.consumer_name = d.c AND m.message_id = d.i AND m.status = 'processed'",
+                )
+                .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(consumers)
+                .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
+                .execute(&mut conn)
+                .await?;
+            }
+            total += deleted as u64;
+            if deleted == 0 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The claim: one statement that inserts the row as processed, or turns a failed row into a
+/// processed one, or returns nothing when the message was processed already.
+async fn claim(
+    conn: &mut AsyncPgConnection,
+    consumer: &str,
+    message_id: &str,
+) -> Result<Option<i32>, diesel::result::Error> {
+    let upsert = diesel::insert_into(inbox::message_inbox)
+        .values((
+            inbox::consumer_name.eq(consumer),
+            inbox::message_id.eq(message_id),
+            inbox::status.eq("processed"),
+            inbox::attempts.eq(1),
+            inbox::processed_at.eq(diesel::dsl::now),
+        ))
+        .on_conflict((inbox::consumer_name, inbox::message_id))
+        .do_update()
+        .set((
+            inbox::status.eq("processed"),
+            inbox::attempts.eq(inbox::attempts + 1),
+            inbox::processed_at.eq(diesel::dsl::now),
+            inbox::error_code.eq(None::<String>),
+            inbox::error_message.eq(None::<String>),
+        ));
+    diesel::query_dsl::methods::FilterDsl::filter(upsert, inbox::status.ne("processed"))
+        .returning(inbox::attempts)
+        .get_result::<i32>(conn)
+        .await
+        .optional()
+}
+
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    HandlerError::permanent("handler_panicked", format!("handler panicked: {text}"))
+}
+
+fn truncate(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn panic_payloads_become_permanent_errors() {
+        let e = panic_error(Box::new("boom"));
+        assert_eq!(e.code(), "handler_panicked");
+        assert_eq!(e.message(), "handler panicked: boom");
+        let e = panic_error(Box::new(String::from("bang")));
+        assert_eq!(e.message(), "handler panicked: bang");
+        assert_eq!(e.kind(), oncely_core::ErrorKind::Permanent);
+    }
+}

@@ -1,0 +1,348 @@
+//! The inbox against a real PostgreSQL: one transaction, exactly one effect.
+
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use oncely_core::{Envelope, ErrorKind, HandlerError, Metadata};
+use oncely_inbox::testing::TestSchema;
+use oncely_inbox::{
+    BoxFuture, INBOX_MIGRATIONS, Inbox, InboxError, Outcome, PoolOptions, connect_pool,
+    run_migrations,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+diesel::table! {
+    effects (message_id) {
+        message_id -> Text,
+        amount -> Int8,
+    }
+}
+
+struct Fixture {
+    inbox: Inbox,
+    _schema: TestSchema,
+}
+
+async fn fixture() -> Fixture {
+    let schema = TestSchema::create().await.expect("create test schema");
+    run_migrations(schema.url(), INBOX_MIGRATIONS)
+        .await
+        .expect("migrations");
+    let pool = connect_pool(schema.url(), &PoolOptions::default());
+    let mut conn = pool.get().await.expect("connection");
+    diesel::sql_query("CREATE TABLE effects (message_id TEXT PRIMARY KEY, amount BIGINT NOT NULL)")
+        .execute(&mut conn)
+        .await
+        .expect("business table");
+    drop(conn);
+    Fixture {
+        inbox: Inbox::new(pool),
+        _schema: schema,
+    }
+}
+
+async fn effect_count(inbox: &Inbox) -> i64 {
+    let mut conn = inbox.pool().get().await.expect("connection");
+    effects::table
+        .count()
+        .get_result(&mut conn)
+        .await
+        .expect("count")
+}
+
+fn envelope(id: &str) -> Envelope<i64> {
+    Envelope::new(Metadata::with_message_id(id), 125_000)
+}
+
+fn insert_effect<'c>(
+    conn: &'c mut AsyncPgConnection,
+    msg: Envelope<i64>,
+) -> BoxFuture<'c, Result<(), HandlerError>> {
+    Box::pin(async move {
+        diesel::insert_into(effects::table)
+            .values((
+                effects::message_id.eq(msg.message_id()),
+                effects::amount.eq(msg.payload),
+            ))
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+}
+
+#[tokio::test]
+async fn second_run_of_a_message_is_a_duplicate_and_skips_the_handler() {
+    let f = fixture().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    for expected in [Outcome::Processed { attempts: 1 }, Outcome::Duplicate] {
+        let calls = calls.clone();
+        let outcome = f
+            .inbox
+            .run("billing", envelope("m-1"), move |conn, msg| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                insert_effect(conn, msg)
+            })
+            .await
+            .expect("run");
+        assert_eq!(outcome, expected);
+    }
+    assert_eq!(AtomicUsize::load(&calls, Ordering::SeqCst), 1);
+    assert_eq!(effect_count(&f.inbox).await, 1);
+    let row = f
+        .inbox
+        .find("billing", "m-1")
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!(row.status, "processed");
+    assert!(row.processed_at.is_some());
+}
+
+#[tokio::test]
+async fn same_message_id_for_two_consumers_is_processed_by_each() {
+    let f = fixture().await;
+    let a = f
+        .inbox
+        .run("billing", envelope("m-1"), |_, _| {
+            Box::pin(async { Ok(()) })
+        })
+        .await;
+    let b = f
+        .inbox
+        .run("audit", envelope("m-1"), |_, _| Box::pin(async { Ok(()) }))
+        .await;
+    assert_eq!(a.expect("billing"), Outcome::Processed { attempts: 1 });
+    assert_eq!(b.expect("audit"), Outcome::Processed { attempts: 1 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_runs_of_one_message_have_exactly_one_effect() {
+    let f = fixture().await;
+    for round in 0..20 {
+        let id = format!("m-{round}");
+        let runs = (0..4).map(|_| {
+            let inbox = f.inbox.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                inbox
+                    .run("billing", envelope(&id), |conn, msg| {
+                        Box::pin(async move {
+                            // Hold the claim a moment so the other runs pile up on its row lock.
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            insert_effect(conn, msg).await
+                        })
+                    })
+                    .await
+            })
+        });
+        let mut processed = 0;
+        let mut duplicates = 0;
+        for run in runs.collect::<Vec<_>>() {
+            match run.await.expect("task").expect("run") {
+                Outcome::Processed { .. } => processed += 1,
+                Outcome::Duplicate => duplicates += 1,
+            }
+        }
+        assert_eq!((processed, duplicates), (1, 3), "round {round}");
+    }
+    assert_eq!(effect_count(&f.inbox).await, 20);
+}
+
+#[tokio::test]
+async fn handler_error_rolls_back_the_business_row_and_records_the_failure() {
+    let f = fixture().await;
+    let result = f
+        .inbox
+        .run("billing", envelope("m-1"), |conn, msg| {
+            Box::pin(async move {
+                insert_effect(conn, msg).await?;
+                Err(HandlerError::retryable(
+                    "gateway_down",
+                    "payment gateway answered 503",
+                ))
+            })
+        })
+        .await;
+    match result {
+        Err(InboxError::Handler(e)) => assert_eq!(e.kind(), ErrorKind::Retryable),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(effect_count(&f.inbox).await, 0, "business row rolled back");
+    let row = f
+        .inbox
+        .find("billing", "m-1")
+        .await
+        .expect("find")
+        .expect("failure row");
+    assert_eq!(row.status, "failed");
+    assert_eq!(row.attempts, 1);
+    assert_eq!(row.error_code.as_deref(), Some("gateway_down"));
+    assert_eq!(
+        row.error_message.as_deref(),
+        Some("payment gateway answered 503")
+    );
+    assert!(row.processed_at.is_none());
+
+    // The retry succeeds: the row turns processed and counts both attempts.
+    let outcome = f
+        .inbox
+        .run("billing", envelope("m-1"), insert_effect)
+        .await
+        .expect("retry");
+    assert_eq!(outcome, Outcome::Processed { attempts: 2 });
+    let row = f
+        .inbox
+        .find("billing", "m-1")
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!(row.status, "processed");
+    assert_eq!(row.error_code, None);
+    assert_eq!(effect_count(&f.inbox).await, 1);
+}
+
+#[tokio::test]
+async fn constraint_violation_in_the_handler_is_permanent_and_leaves_nothing() {
+    let f = fixture().await;
+    f.inbox
+        .run("billing", envelope("m-1"), insert_effect)
+        .await
+        .expect("first");
+    // A different message whose business row collides with the first one's.
+    let result = f
+        .inbox
+        .run("billing", envelope("m-2"), |conn, _msg| {
+            insert_effect(conn, envelope("m-1"))
+        })
+        .await;
+    match result {
+        Err(InboxError::Handler(e)) => {
+            assert_eq!(e.kind(), ErrorKind::Permanent);
+            assert_eq!(e.code(), "db.unique_violation");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let row = f
+        .inbox
+        .find("billing", "m-2")
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!(row.status, "failed");
+    assert_eq!(effect_count(&f.inbox).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_panic_rolls_back_and_is_a_permanent_error() {
+    let f = fixture().await;
+    let result = f
+        .inbox
+        .run("billing", envelope("m-1"), |conn, msg| {
+            Box::pin(async move {
+                insert_effect(conn, msg).await?;
+                panic!("invoice template missing");
+            })
+        })
+        .await;
+    match result {
+        Err(InboxError::Handler(e)) => {
+            assert_eq!(e.code(), "handler_panicked");
+            assert!(e.message().contains("invoice template missing"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(effect_count(&f.inbox).await, 0);
+    // The pool still works after the panic.
+    f.inbox
+        .run("billing", envelope("m-2"), insert_effect)
+        .await
+        .expect("next message");
+    assert_eq!(effect_count(&f.inbox).await, 1);
+}
+
+#[tokio::test]
+async fn failure_record_never_overwrites_a_processed_row() {
+    let f = fixture().await;
+    f.inbox
+        .run("billing", envelope("m-1"), insert_effect)
+        .await
+        .expect("run");
+    f.inbox
+        .record_failure(
+            "billing",
+            "m-1",
+            &HandlerError::retryable("late", "stale failure"),
+        )
+        .await
+        .expect("record");
+    let row = f
+        .inbox
+        .find("billing", "m-1")
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!(row.status, "processed");
+    assert_eq!(row.error_code, None);
+}
+
+#[tokio::test]
+async fn purge_removes_only_processed_rows_past_retention() {
+    let f = fixture().await;
+    for i in 0..5 {
+        f.inbox
+            .run("billing", envelope(&format!("m-{i}")), insert_effect)
+            .await
+            .expect("run");
+    }
+    f.inbox
+        .record_failure("billing", "m-failed", &HandlerError::retryable("x", "y"))
+        .await
+        .expect("record");
+    assert_eq!(
+        f.inbox
+            .purge_processed(Duration::from_secs(3600), 2)
+            .await
+            .expect("purge"),
+        0,
+        "nothing is old enough"
+    );
+    let mut conn = f.inbox.pool().get().await.expect("connection");
+    diesel::sql_query("UPDATE message_inbox SET processed_at = now() - interval '2 hours' WHERE message_id IN ('m-0','m-1','m-2')")
+        .execute(&mut conn)
+        .await
+        .expect("age rows");
+    drop(conn);
+    assert_eq!(
+        f.inbox
+            .purge_processed(Duration::from_secs(3600), 2)
+            .await
+            .expect("purge"),
+        3
+    );
+    assert_eq!(f.inbox.count_processed("billing").await.expect("count"), 2);
+    assert!(
+        f.inbox
+            .find("billing", "m-failed")
+            .await
+            .expect("find")
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let schema = TestSchema::create().await.expect("schema");
+    assert_eq!(
+        run_migrations(schema.url(), INBOX_MIGRATIONS)
+            .await
+            .expect("first"),
+        1
+    );
+    assert_eq!(
+        run_migrations(schema.url(), INBOX_MIGRATIONS)
+            .await
+            .expect("second"),
+        0
+    );
+}
