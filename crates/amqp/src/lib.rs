@@ -1,1 +1,35 @@
+//! The RabbitMQ side of oncely, on lapin 4.
+//!
+//! - [`connect`]: a connection with retry and exponential backoff.
+//! - [`Topology`]: a consumer queue `Q` bound to an exchange, its delay queues `Q.retry.<tier>`,
+//!   `Q.dlq` and `Q.parking`, declared idempotently.
+//! - [`ConfirmPublisher`]: persistent, mandatory publishes that wait for the broker's confirm.
+//! - [`ConsumerRuntime`]: manual acks, prefetch, bounded concurrency, every [`Decision`] applied
+//!   (retry, dead-letter and park by confirmed publish *before* the ack), reconnection after a
+//!   lost connection, graceful shutdown.
+//!
+//! This crate knows nothing of PostgreSQL: what a delivery means is up to a
+//! [`DeliveryProcessor`], which the `oncely` facade implements over the inbox.
+//!
+//! [`Decision`]: oncely_core::Decision
 
+mod connection;
+mod consumer;
+mod error;
+mod properties;
+mod publisher;
+mod stats;
+mod topology;
+
+pub use connection::{Backoff, connect};
+pub use consumer::{
+    ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,
+};
+pub use error::{AmqpError, Result};
+pub use properties::{raw_metadata, read_attempt};
+pub use publisher::{ConfirmPublisher, OutgoingMessage};
+pub use stats::{ConsumerStats, StatsSnapshot};
+pub use topology::{QueueType, Topology};
+
+/// The lapin version oncely is built on, re-exported so users name the same types.
+pub use lapin;

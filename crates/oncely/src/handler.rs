@@ -3,11 +3,9 @@
 use diesel_async::AsyncPgConnection;
 use oncely_core::{Envelope, HandlerError};
 use serde::de::DeserializeOwned;
-use std::future::Future;
-use std::pin::Pin;
 
 /// A boxed, `Send` future, as returned by [`Handler::handle`].
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use oncely_inbox::BoxFuture;
 
 /// A message handler bound to one consumer name.
 ///

@@ -1,11 +1,40 @@
-//! oncely: effectively-once RabbitMQ consumers.
+#![doc = include_str!("../README.md")]
 
+mod consumer;
 mod handler;
+mod shutdown;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use consumer::{Consumer, ConsumerBuilder};
+pub use handler::{BoxFuture, Handler};
+pub use shutdown::shutdown_signal;
 
 pub use diesel_async::AsyncPgConnection;
-pub use handler::{BoxFuture, Handler};
-pub use oncely_core::{Envelope, ErrorKind, HandlerError, Metadata};
+pub use oncely_amqp::{
+    AmqpError, Backoff, ConfirmPublisher, ConsumerStats, FaultInjection, OutgoingMessage,
+    Processed, QueueType, StatsSnapshot, Topology, connect,
+};
+pub use oncely_core::{
+    Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
+    ErrorKind, HandlerError, Metadata, Reason, RetryPolicy, headers,
+};
+pub use oncely_inbox::{
+    INBOX_MIGRATIONS, Inbox, InboxError, InboxRow, MigrationError, Outcome, Pool, PoolOptions,
+    connect_pool, run_migrations,
+};
 pub use oncely_macros::handler;
+
+/// The lapin version oncely is built on.
+pub use oncely_amqp::lapin;
+
+/// What most users import.
+pub mod prelude {
+    pub use crate::{
+        AsyncPgConnection, Consumer, Envelope, Handler, HandlerError, Inbox, RetryPolicy, Topology,
+        handler,
+    };
+}
 
 #[doc(hidden)]
 pub mod __private {

@@ -1,0 +1,92 @@
+//! Connecting with retry and exponential backoff.
+
+use crate::error::{AmqpError, Result};
+use lapin::{Connection, ConnectionProperties};
+use std::time::Duration;
+
+/// Exponential backoff between connection attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay. Default 100 ms.
+    pub initial: Duration,
+    /// Longest delay. Default 5 s.
+    pub max: Duration,
+    /// Give up after this many attempts; `None` retries for ever. Default 10 for
+    /// [`connect`]; the consumer runtime retries for ever while it runs.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            max_attempts: Some(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `retry` (0-based), doubling up to `max`.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let factor = 2u32.saturating_pow(retry.min(20));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Connects to `url`, retrying with `backoff`. The connection is named `name` in the broker's
+/// management views.
+pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connection> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        match Connection::connect(url, properties).await {
+            Ok(connection) => return Ok(connection),
+            Err(source) => {
+                if backoff.max_attempts.is_some_and(|max| attempt >= max) {
+                    return Err(AmqpError::Connect {
+                        url: redact(url),
+                        attempts: attempt,
+                        source,
+                    });
+                }
+                let delay = backoff.delay(attempt - 1);
+                tracing::warn!(url = %redact(url), attempt, ?delay, error = %source, "RabbitMQ connection failed, retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(0), Duration::from_millis(100));
+        assert_eq!(b.delay(1), Duration::from_millis(200));
+        assert_eq!(b.delay(3), Duration::from_millis(800));
+        assert_eq!(b.delay(10), Duration::from_secs(5));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn credentials_are_hidden() {
+        assert_eq!(
+            redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://***@127.0.0.1:5672/%2f"
+        );
+    }
+}

@@ -1,0 +1,520 @@
+//! The consumer runtime: take deliveries, hand them to a [`DeliveryProcessor`], apply the
+//! [`Decision`], and keep going through connection loss until asked to stop.
+
+use crate::connection::{Backoff, connect};
+use crate::error::{AmqpError, Result, short};
+use crate::properties::{CopyHeaders, copy_properties, raw_metadata};
+use crate::publisher::{ConfirmPublisher, OutgoingMessage};
+use crate::stats::ConsumerStats;
+use crate::topology::Topology;
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use oncely_core::{ContractLimits, Decision, Metadata, Reason};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{Instrument, field};
+
+/// A boxed, `Send` future.
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What processing a delivery came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Processed {
+    /// Apply this decision.
+    Decision(Decision),
+    /// The message is not at fault (the database is unreachable, say): give it back to the queue
+    /// after [`ConsumerOptions::requeue_delay`] without spending one of its retries.
+    Requeue {
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// What a delivery means; the `oncely` facade implements it over the inbox.
+pub trait DeliveryProcessor: Send + Sync + 'static {
+    /// Processes a delivery whose metadata passed the contract.
+    fn process<'a>(&'a self, metadata: Metadata, body: &'a [u8]) -> BoxFuture<'a, Processed>;
+}
+
+/// A test hook that simulates a crash between the commit and the ack.
+#[derive(Clone)]
+pub struct FaultInjection {
+    /// Called after a delivery was processed (committed) and before it is acked; `true` closes
+    /// the connection instead of acking, as a crash there would.
+    pub crash_after_commit: Arc<dyn Fn(&Metadata) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for FaultInjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultInjection { .. }")
+    }
+}
+
+/// Settings of a consumer runtime.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Consumer name, for logs and the connection name.
+    pub consumer_name: String,
+    /// `amqp://` URL.
+    pub amqp_url: String,
+    /// The queue to consume and its retry, dead-letter and parking queues.
+    pub topology: Topology,
+    /// Declare the topology at every (re)connect. Default true.
+    pub declare_topology: bool,
+    /// Unacked deliveries the broker may send ahead. Default 32.
+    pub prefetch: u16,
+    /// Deliveries processed at once. Default 8.
+    pub concurrency: usize,
+    /// Contract bounds.
+    pub limits: ContractLimits,
+    /// Longest wait for the confirm of a retry, dead-letter or parking copy. Default 5 s.
+    pub confirm_timeout: Duration,
+    /// Backoff between reconnection attempts (retried for ever while running).
+    pub reconnect: Backoff,
+    /// Pause before a message is given back after an infrastructure failure. Default 1 s.
+    pub requeue_delay: Duration,
+    /// Longest wait for in-flight deliveries at shutdown. Default 30 s.
+    pub shutdown_timeout: Duration,
+    /// Test hook; `None` in production.
+    pub fault_injection: Option<FaultInjection>,
+}
+
+impl ConsumerOptions {
+    /// Defaults for consuming `topology` as `consumer_name` from `amqp_url`.
+    pub fn new(
+        consumer_name: impl Into<String>,
+        amqp_url: impl Into<String>,
+        topology: Topology,
+    ) -> Self {
+        ConsumerOptions {
+            consumer_name: consumer_name.into(),
+            amqp_url: amqp_url.into(),
+            topology,
+            declare_topology: true,
+            prefetch: 32,
+            concurrency: 8,
+            limits: ContractLimits::default(),
+            confirm_timeout: Duration::from_secs(5),
+            reconnect: Backoff {
+                max_attempts: None,
+                ..Backoff::default()
+            },
+            requeue_delay: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+            fault_injection: None,
+        }
+    }
+}
+
+/// Runs one consumer until its shutdown future completes.
+pub struct ConsumerRuntime {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    options: ConsumerOptions,
+    processor: Arc<dyn DeliveryProcessor>,
+    stats: Arc<ConsumerStats>,
+}
+
+impl std::fmt::Debug for ConsumerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerRuntime")
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One connection's worth of state.
+struct Session {
+    connection: Arc<Connection>,
+    channel: Channel,
+    publisher: ConfirmPublisher,
+}
+
+enum LoopEnd {
+    Shutdown,
+    ConnectionLost,
+}
+
+impl ConsumerRuntime {
+    /// A runtime for `processor` with `options`.
+    pub fn new(options: ConsumerOptions, processor: Arc<dyn DeliveryProcessor>) -> Self {
+        ConsumerRuntime {
+            shared: Arc::new(Shared {
+                options,
+                processor,
+                stats: Arc::new(ConsumerStats::default()),
+            }),
+        }
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Consumes until `shutdown` completes, then stops taking deliveries, lets the in-flight
+    /// ones finish and ack, and closes the connection.
+    ///
+    /// A lost connection or channel is re-opened with backoff and consumption resumes; deliveries
+    /// that were in flight are redelivered by the broker and the inbox recognises them.
+    /// Returns an error only for what retrying cannot fix: a topology conflict.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let options = &self.shared.options;
+        tokio::pin!(shutdown);
+        let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        let mut failures = 0u32;
+        let mut connected_before = false;
+        loop {
+            let opened = tokio::select! {
+                opened = self.open() => opened,
+                _ = &mut shutdown => {
+                    drain(&mut tasks, options.shutdown_timeout).await;
+                    return Ok(());
+                }
+            };
+            let (session, mut consumer) = match opened {
+                Ok(opened) => opened,
+                Err(e @ AmqpError::TopologyConflict { .. }) => return Err(e),
+                Err(e) => {
+                    let delay = options.reconnect.delay(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(consumer = %options.consumer_name, error = %e, ?delay, "cannot consume, retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = &mut shutdown => {
+                            drain(&mut tasks, options.shutdown_timeout).await;
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            failures = 0;
+            if connected_before {
+                ConsumerStats::bump(&self.shared.stats.reconnects);
+            }
+            connected_before = true;
+            tracing::info!(consumer = %options.consumer_name, queue = %options.topology.queue(), "consuming");
+            let session = Arc::new(session);
+
+            let end = loop {
+                while let Some(joined) = tasks.try_join_next() {
+                    report_task_end(joined);
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break LoopEnd::Shutdown,
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            let permit = tokio::select! {
+                                permit = semaphore.clone().acquire_owned() => permit,
+                                // Not started: it goes back to the queue when the channel closes.
+                                _ = &mut shutdown => break LoopEnd::Shutdown,
+                            };
+                            let Ok(permit) = permit else { break LoopEnd::Shutdown };
+                            tasks.spawn(handle_delivery(self.shared.clone(), session.clone(), delivery, permit));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(consumer = %options.consumer_name, error = %e, "consumer stream failed");
+                            break LoopEnd::ConnectionLost;
+                        }
+                        None => {
+                            tracing::warn!(consumer = %options.consumer_name, "consumer stream ended");
+                            break LoopEnd::ConnectionLost;
+                        }
+                    }
+                }
+            };
+            match end {
+                LoopEnd::Shutdown => {
+                    let tag = consumer.tag();
+                    if let Err(e) = session
+                        .channel
+                        .basic_cancel(tag, BasicCancelOptions::default())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "basic.cancel failed");
+                    }
+                    drain(&mut tasks, options.shutdown_timeout).await;
+                    let _ = session.channel.close(200, "shutdown".into()).await;
+                    let _ = session.connection.close(200, "shutdown".into()).await;
+                    tracing::info!(consumer = %options.consumer_name, "stopped");
+                    return Ok(());
+                }
+                LoopEnd::ConnectionLost => {
+                    let _ = session.connection.close(320, "reconnecting".into()).await;
+                    let delay = options.reconnect.delay(0);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = &mut shutdown => {
+                            drain(&mut tasks, options.shutdown_timeout).await;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<(Session, lapin::Consumer)> {
+        let options = &self.shared.options;
+        let single_try = Backoff {
+            max_attempts: Some(1),
+            ..options.reconnect
+        };
+        let connection =
+            Arc::new(connect(&options.amqp_url, &options.consumer_name, single_try).await?);
+        if options.declare_topology {
+            options.topology.declare(&connection).await?;
+        }
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(options.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                short("queue", options.topology.queue())?,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let publisher = ConfirmPublisher::new(connection.clone(), options.confirm_timeout);
+        Ok((
+            Session {
+                connection,
+                channel,
+                publisher,
+            },
+            consumer,
+        ))
+    }
+}
+
+async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
+    let all = async {
+        while let Some(joined) = tasks.join_next().await {
+            report_task_end(joined);
+        }
+    };
+    if tokio::time::timeout(timeout, all).await.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "in-flight deliveries did not finish in time; the broker will redeliver them"
+        );
+        tasks.abort_all();
+    }
+}
+
+fn report_task_end(joined: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        if e.is_panic() {
+            tracing::error!(error = %e, "delivery task panicked; the broker will redeliver the message");
+        }
+    }
+}
+
+async fn handle_delivery(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    delivery: Delivery,
+    _permit: OwnedSemaphorePermit,
+) {
+    let raw = raw_metadata(
+        &delivery.properties,
+        delivery.redelivered,
+        delivery.data.len(),
+    );
+    let span = tracing::info_span!(
+        "delivery",
+        consumer = %shared.options.consumer_name,
+        queue = %shared.options.topology.queue(),
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+        message_id = field::Empty,
+        correlation_id = field::Empty,
+        attempt = field::Empty,
+        dedup = field::Empty,
+        decision = field::Empty,
+    );
+    if let Some(id) = &raw.message_id {
+        let shown: String = id.chars().take(200).collect();
+        span.record("message_id", shown.as_str());
+    }
+    if let Some(id) = &raw.correlation_id {
+        span.record("correlation_id", id.as_str());
+    }
+    async move {
+        let options = &shared.options;
+        ConsumerStats::bump(&shared.stats.received);
+        let (processed, attempt, metadata) = match Metadata::from_raw(raw, &options.limits) {
+            Err(violation) => (
+                Processed::Decision(Decision::DeadLetter {
+                    reason: Reason::from(&violation),
+                }),
+                crate::properties::read_attempt(&delivery.properties),
+                None,
+            ),
+            Ok(metadata) => {
+                tracing::Span::current().record("attempt", metadata.attempt);
+                let attempt = metadata.attempt;
+                let processed = shared
+                    .processor
+                    .process(metadata.clone(), &delivery.data)
+                    .await;
+                (processed, attempt, Some(metadata))
+            }
+        };
+        if let (Some(fault), Some(metadata)) = (&options.fault_injection, &metadata) {
+            if matches!(processed, Processed::Decision(Decision::Ack))
+                && (fault.crash_after_commit)(metadata)
+            {
+                tracing::warn!(
+                    "fault injection: closing the connection after commit, before the ack"
+                );
+                let _ = session
+                    .connection
+                    .close(320, "fault injection: crash after commit".into())
+                    .await;
+                return;
+            }
+        }
+        settle(&shared, &session, &delivery, processed, attempt).await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn settle(
+    shared: &Shared,
+    session: &Session,
+    delivery: &Delivery,
+    processed: Processed,
+    attempt: u32,
+) {
+    let span = tracing::Span::current();
+    let stats = &shared.stats;
+    let topology = &shared.options.topology;
+    let decision = match processed {
+        Processed::Decision(decision) => decision,
+        Processed::Requeue { reason } => {
+            span.record("decision", "requeue");
+            tracing::warn!(%reason, "infrastructure failure, giving the message back");
+            tokio::time::sleep(shared.options.requeue_delay).await;
+            requeue(stats, delivery).await;
+            return;
+        }
+    };
+    span.record("decision", decision.as_str());
+    let copy_to = match &decision {
+        Decision::Ack => {
+            span.record("dedup", "new");
+            ConsumerStats::bump(&stats.processed);
+            None
+        }
+        Decision::AckDuplicate => {
+            span.record("dedup", "duplicate");
+            ConsumerStats::bump(&stats.duplicates);
+            None
+        }
+        Decision::Retry {
+            tier,
+            next_attempt,
+            reason,
+            delay,
+        } => match topology.retry_queue(*tier) {
+            Some(queue) => {
+                tracing::info!(code = %reason.code, reason = %reason.message, ?delay, next_attempt, "retrying later");
+                Some((queue, reason.clone(), *next_attempt, false, &stats.retried))
+            }
+            None => {
+                let reason = Reason::new(
+                    "retry_tier_missing",
+                    format!(
+                        "no delay queue for tier {tier}; last error {}: {}",
+                        reason.code, reason.message
+                    ),
+                );
+                Some((topology.dlq(), reason, attempt, true, &stats.dead_lettered))
+            }
+        },
+        Decision::DeadLetter { reason } => Some((
+            topology.dlq(),
+            reason.clone(),
+            attempt,
+            true,
+            &stats.dead_lettered,
+        )),
+        Decision::Park { reason } => Some((
+            topology.parking(),
+            reason.clone(),
+            attempt,
+            true,
+            &stats.parked,
+        )),
+        _ => None,
+    };
+    if let Some((queue, reason, attempt, final_copy, counter)) = copy_to {
+        if final_copy {
+            tracing::warn!(code = %reason.code, reason = %reason.message, to = %queue, "message set aside");
+        }
+        let properties = copy_properties(
+            &delivery.properties,
+            CopyHeaders {
+                attempt,
+                reason: &reason,
+                queue: topology.queue(),
+                exchange: delivery.exchange.as_str(),
+                routing_key: delivery.routing_key.as_str(),
+                final_copy,
+            },
+        );
+        let published = session
+            .publisher
+            .publish(OutgoingMessage {
+                exchange: "",
+                routing_key: &queue,
+                body: &delivery.data,
+                properties,
+            })
+            .await;
+        if let Err(e) = published {
+            tracing::error!(error = %e, to = %queue, "could not publish the copy; giving the message back");
+            requeue(stats, delivery).await;
+            return;
+        }
+        ConsumerStats::bump(counter);
+    }
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => tracing::info!("settled"),
+        Ok(false) | Err(_) => {
+            ConsumerStats::bump(&stats.ack_failures);
+            tracing::warn!(
+                "ack not sent (channel gone); the broker will redeliver and the inbox will recognise it"
+            );
+        }
+    }
+}
+
+async fn requeue(stats: &ConsumerStats, delivery: &Delivery) {
+    ConsumerStats::bump(&stats.requeued);
+    let options = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    if !matches!(delivery.acker.nack(options).await, Ok(true)) {
+        tracing::warn!("nack not sent (channel gone); the broker requeues the message itself");
+    }
+}

@@ -1,0 +1,232 @@
+//! From AMQP properties and headers to the contract's [`RawMetadata`], and back for copies.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use oncely_core::{HeaderValue, RawMetadata, Reason, headers};
+
+const CONTRACT_HEADERS: [&str; 4] = [
+    headers::CAUSATION_ID,
+    headers::TENANT_ID,
+    headers::IDEMPOTENCY_KEY,
+    headers::ATTEMPT,
+];
+
+/// Longest reason text written to a header.
+const MAX_REASON_CHARS: usize = 1000;
+
+/// Reads what the contract needs from a delivery's properties.
+pub fn raw_metadata(
+    properties: &BasicProperties,
+    redelivered: bool,
+    body_len: usize,
+) -> RawMetadata {
+    let text = |s: &Option<lapin::types::ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter(|(name, _)| CONTRACT_HEADERS.contains(&name.as_str()))
+                .map(|(name, value)| (name.as_str().to_owned(), header_value(value)))
+                .collect()
+        })
+        .unwrap_or_default();
+    RawMetadata {
+        message_id: text(properties.message_id()),
+        correlation_id: text(properties.correlation_id()),
+        content_type: text(properties.content_type()),
+        app_id: text(properties.app_id()),
+        message_type: text(properties.kind()),
+        timestamp: *properties.timestamp(),
+        headers,
+        redelivered,
+        body_len,
+    }
+}
+
+/// The `x-oncely-attempt` header as a number, 1 when absent or unreadable.
+pub fn read_attempt(properties: &BasicProperties) -> u32 {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(headers::ATTEMPT))
+        .and_then(|v| match header_value(v) {
+            HeaderValue::Integer(n) => u32::try_from(n).ok(),
+            _ => None,
+        })
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+fn header_value(value: &AMQPValue) -> HeaderValue {
+    match value {
+        AMQPValue::ShortString(s) => HeaderValue::Text(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
+            Ok(text) => HeaderValue::Text(text.to_owned()),
+            Err(_) => HeaderValue::Other("non-UTF-8 string"),
+        },
+        AMQPValue::ShortShortInt(n) => HeaderValue::Integer(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => HeaderValue::Integer(i64::from(*n)),
+        AMQPValue::ShortInt(n) => HeaderValue::Integer(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => HeaderValue::Integer(i64::from(*n)),
+        AMQPValue::LongInt(n) => HeaderValue::Integer(i64::from(*n)),
+        AMQPValue::LongUInt(n) => HeaderValue::Integer(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => HeaderValue::Integer(*n),
+        AMQPValue::Boolean(_) => HeaderValue::Other("boolean"),
+        AMQPValue::Float(_) | AMQPValue::Double(_) => HeaderValue::Other("float"),
+        AMQPValue::DecimalValue(_) => HeaderValue::Other("decimal"),
+        AMQPValue::FieldArray(_) => HeaderValue::Other("array"),
+        AMQPValue::Timestamp(_) => HeaderValue::Other("timestamp"),
+        AMQPValue::FieldTable(_) => HeaderValue::Other("table"),
+        AMQPValue::ByteArray(_) => HeaderValue::Other("bytes"),
+        AMQPValue::Void => HeaderValue::Other("void"),
+    }
+}
+
+/// Where a copy goes and what it says about its failure.
+pub(crate) struct CopyHeaders<'a> {
+    pub attempt: u32,
+    pub reason: &'a Reason,
+    pub queue: &'a str,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    /// Dead letters and parked messages carry the time of failure; retries do not need it.
+    pub final_copy: bool,
+}
+
+/// The original's properties (same message id and everything else) with oncely's headers.
+pub(crate) fn copy_properties(original: &BasicProperties, h: CopyHeaders<'_>) -> BasicProperties {
+    let mut table = original
+        .headers()
+        .clone()
+        .unwrap_or_else(FieldTable::default);
+    let long = |s: &str| AMQPValue::LongString(LongString::from(s));
+    table.insert(
+        headers::ATTEMPT.into(),
+        AMQPValue::LongLongInt(i64::from(h.attempt)),
+    );
+    table.insert(headers::ERROR_CODE.into(), long(&h.reason.code));
+    let reason: String = h.reason.message.chars().take(MAX_REASON_CHARS).collect();
+    table.insert(headers::REASON.into(), long(&reason));
+    table.insert(headers::ORIGINAL_QUEUE.into(), long(h.queue));
+    if !table.inner().contains_key(headers::ORIGINAL_EXCHANGE) {
+        table.insert(headers::ORIGINAL_EXCHANGE.into(), long(h.exchange));
+        table.insert(headers::ORIGINAL_ROUTING_KEY.into(), long(h.routing_key));
+    }
+    if h.final_copy {
+        table.insert(
+            headers::FAILED_AT.into(),
+            long(&chrono::Utc::now().to_rfc3339()),
+        );
+    }
+    original.clone().with_headers(table).with_delivery_mode(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props_with(headers: Vec<(&str, AMQPValue)>) -> BasicProperties {
+        let mut t = FieldTable::default();
+        for (k, v) in headers {
+            t.insert(k.into(), v);
+        }
+        BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_content_type("application/json".into())
+            .with_app_id("order-service".into())
+            .with_kind("order.created.v1".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(t)
+    }
+
+    #[test]
+    fn properties_and_contract_headers_are_read() {
+        let p = props_with(vec![
+            ("tenant_id", AMQPValue::LongString("t-1".into())),
+            ("causation_id", AMQPValue::ShortString("m-0".into())),
+            ("x-oncely-attempt", AMQPValue::ShortShortUInt(3)),
+            ("something-else", AMQPValue::Boolean(true)),
+        ]);
+        let raw = raw_metadata(&p, true, 42);
+        assert_eq!(raw.message_id.as_deref(), Some("m-1"));
+        assert_eq!(raw.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(raw.content_type.as_deref(), Some("application/json"));
+        assert_eq!(raw.app_id.as_deref(), Some("order-service"));
+        assert_eq!(raw.message_type.as_deref(), Some("order.created.v1"));
+        assert_eq!(raw.timestamp, Some(1_700_000_000));
+        assert!(raw.redelivered);
+        assert_eq!(raw.body_len, 42);
+        assert_eq!(raw.headers.len(), 3, "unrelated headers are not carried");
+        assert!(
+            raw.headers
+                .contains(&("x-oncely-attempt".into(), HeaderValue::Integer(3)))
+        );
+        assert_eq!(read_attempt(&p), 3);
+    }
+
+    #[test]
+    fn headers_of_unexpected_types_keep_their_type_name() {
+        let p = props_with(vec![
+            ("tenant_id", AMQPValue::FieldTable(FieldTable::default())),
+            (
+                "idempotency_key",
+                AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])),
+            ),
+        ]);
+        let raw = raw_metadata(&p, false, 0);
+        assert!(
+            raw.headers
+                .contains(&("tenant_id".into(), HeaderValue::Other("table")))
+        );
+        assert!(raw.headers.contains(&(
+            "idempotency_key".into(),
+            HeaderValue::Other("non-UTF-8 string")
+        )));
+    }
+
+    #[test]
+    fn attempt_defaults_to_one() {
+        assert_eq!(read_attempt(&BasicProperties::default()), 1);
+        let p = props_with(vec![(
+            "x-oncely-attempt",
+            AMQPValue::LongString("2".into()),
+        )]);
+        assert_eq!(read_attempt(&p), 1);
+    }
+
+    #[test]
+    fn copies_keep_the_message_id_and_carry_reason_headers() {
+        let p = props_with(vec![("tenant_id", AMQPValue::LongString("t-1".into()))]);
+        let reason = Reason::new("db.unique_violation", "x".repeat(5000));
+        let copy = copy_properties(
+            &p,
+            CopyHeaders {
+                attempt: 2,
+                reason: &reason,
+                queue: "billing.q",
+                exchange: "order.events",
+                routing_key: "order.created.v1",
+                final_copy: true,
+            },
+        );
+        assert_eq!(copy.message_id().as_ref().map(|s| s.as_str()), Some("m-1"));
+        assert_eq!(*copy.delivery_mode(), Some(2));
+        let h = copy.headers().clone().unwrap_or_default();
+        let get = |k: &str| h.inner().get(k).cloned();
+        assert_eq!(get("x-oncely-attempt"), Some(AMQPValue::LongLongInt(2)));
+        assert_eq!(
+            get("x-oncely-error-code"),
+            Some(AMQPValue::LongString("db.unique_violation".into()))
+        );
+        match get("x-oncely-reason") {
+            Some(AMQPValue::LongString(s)) => assert_eq!(s.as_bytes().len(), 1000),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(get("x-oncely-failed-at").is_some());
+        assert_eq!(get("tenant_id"), Some(AMQPValue::LongString("t-1".into())));
+    }
+}

@@ -1,0 +1,207 @@
+//! The queues and exchange of one consumer, named as in the design:
+//! `Q` bound to `E`, `Q.retry.<tier>` delay queues dead-lettering back to `Q`, `Q.dlq`, `Q.parking`.
+
+use crate::error::{AmqpError, Result, short};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ExchangeKind};
+use oncely_core::tier_label;
+use std::time::Duration;
+
+/// Classic or quorum queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// A classic durable queue.
+    #[default]
+    Classic,
+    /// A replicated quorum queue.
+    Quorum,
+}
+
+/// The topology of one consumer queue.
+///
+/// ```
+/// use oncely_amqp::Topology;
+/// use std::time::Duration;
+///
+/// let t = Topology::new("order.events", "billing.order-events.q")
+///     .bind("order.created.v1")
+///     .retry_tiers(&[Duration::from_secs(1), Duration::from_secs(30)]);
+/// assert_eq!(t.retry_queue(1), Some("billing.order-events.q.retry.30s".to_owned()));
+/// assert_eq!(t.dlq(), "billing.order-events.q.dlq");
+/// assert_eq!(t.parking(), "billing.order-events.q.parking");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    exchange: String,
+    queue: String,
+    routing_keys: Vec<String>,
+    queue_type: QueueType,
+    retry_tiers: Vec<Duration>,
+}
+
+impl Topology {
+    /// Queue `queue` on topic exchange `exchange`, with no binding yet.
+    pub fn new(exchange: impl Into<String>, queue: impl Into<String>) -> Self {
+        Topology {
+            exchange: exchange.into(),
+            queue: queue.into(),
+            routing_keys: Vec::new(),
+            queue_type: QueueType::Classic,
+            retry_tiers: Vec::new(),
+        }
+    }
+
+    /// Binds the queue with `routing_key` (topic patterns allowed).
+    pub fn bind(mut self, routing_key: impl Into<String>) -> Self {
+        self.routing_keys.push(routing_key.into());
+        self
+    }
+
+    /// Makes `Q`, `Q.dlq` and `Q.parking` quorum queues.
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// One delay queue per tier (usually `RetryPolicy::tiers`).
+    pub fn retry_tiers(mut self, tiers: &[Duration]) -> Self {
+        self.retry_tiers = tiers.to_vec();
+        self
+    }
+
+    /// The exchange.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// The consumer queue `Q`.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Routing keys `Q` is bound with.
+    pub fn routing_keys(&self) -> &[String] {
+        &self.routing_keys
+    }
+
+    /// The delay tiers.
+    pub fn tiers(&self) -> &[Duration] {
+        &self.retry_tiers
+    }
+
+    /// `Q.retry.<label>` of tier `index`.
+    pub fn retry_queue(&self, index: usize) -> Option<String> {
+        self.retry_tiers
+            .get(index)
+            .map(|tier| format!("{}.retry.{}", self.queue, tier_label(*tier)))
+    }
+
+    /// `Q.dlq`.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+
+    /// `Q.parking`.
+    pub fn parking(&self) -> String {
+        format!("{}.parking", self.queue)
+    }
+
+    /// Declares everything on a channel of its own. Declaring the same topology twice is a
+    /// no-op; a queue that exists with other arguments gives [`AmqpError::TopologyConflict`]
+    /// naming the queue and, in the broker's words, the differing argument.
+    pub async fn declare(&self, connection: &Connection) -> Result<()> {
+        // A failed declaration closes its channel (406): never share this one.
+        let channel = connection.create_channel().await?;
+        let result = self.declare_on(&channel).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "topology declared".into()).await;
+        }
+        result
+    }
+
+    async fn declare_on(&self, channel: &Channel) -> Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                short("exchange", &self.exchange)?,
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| declare_error(&self.exchange, e))?;
+
+        self.declare_queue(channel, &self.queue, self.type_args())
+            .await?;
+        for key in &self.routing_keys {
+            channel
+                .queue_bind(
+                    short("queue", &self.queue)?,
+                    short("exchange", &self.exchange)?,
+                    short("routing key", key)?,
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| declare_error(&format!("{} -> {key}", self.queue), e))?;
+        }
+        for (index, tier) in self.retry_tiers.iter().enumerate() {
+            let name = self.retry_queue(index).unwrap_or_default();
+            let mut args = FieldTable::default();
+            let ttl = i32::try_from(tier.as_millis()).unwrap_or(i32::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from("")),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(LongString::from(self.queue.as_str())),
+            );
+            self.declare_queue(channel, &name, args).await?;
+        }
+        self.declare_queue(channel, &self.dlq(), self.type_args())
+            .await?;
+        self.declare_queue(channel, &self.parking(), self.type_args())
+            .await?;
+        Ok(())
+    }
+
+    fn type_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+        }
+        args
+    }
+
+    async fn declare_queue(&self, channel: &Channel, name: &str, args: FieldTable) -> Result<()> {
+        channel
+            .queue_declare(short("queue", name)?, QueueDeclareOptions::durable(), args)
+            .await
+            .map(|_| ())
+            .map_err(|e| declare_error(name, e))
+    }
+}
+
+fn declare_error(name: &str, error: lapin::Error) -> AmqpError {
+    let text = error.to_string();
+    if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent arg") {
+        AmqpError::TopologyConflict {
+            name: name.to_owned(),
+            detail: text,
+        }
+    } else {
+        AmqpError::Declare {
+            name: name.to_owned(),
+            source: error,
+        }
+    }
+}

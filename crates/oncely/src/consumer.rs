@@ -1,0 +1,270 @@
+//! Where the pieces meet: a [`Handler`] run through the [`Inbox`] by the AMQP runtime.
+
+use crate::handler::Handler;
+use oncely_amqp::{
+    ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed, StatsSnapshot,
+    Topology,
+};
+use oncely_core::{
+    Classifier, ContractLimits, Decision, DefaultClassifier, Envelope, Metadata, Reason,
+    RetryPolicy,
+};
+use oncely_inbox::{BoxFuture, Inbox, InboxError, Outcome};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A consumer whose handler's change commits together with the inbox row, before the ack.
+///
+/// ```no_run
+/// # use oncely::{Consumer, Handler, Inbox, Topology, RetryPolicy};
+/// # async fn demo(handler: impl Handler, inbox: Inbox) -> Result<(), Box<dyn std::error::Error>> {
+/// let consumer = Consumer::builder(handler, inbox)
+///     .amqp_url("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .topology(Topology::new("order.events", "billing.order-events.q").bind("order.created.v1"))
+///     .concurrency(8)
+///     .build();
+/// consumer.run(oncely::shutdown_signal()).await?;
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    runtime: ConsumerRuntime,
+    topology: Topology,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("runtime", &self.runtime)
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// Starts building a consumer of `handler` over `inbox`.
+    pub fn builder<H: Handler>(handler: H, inbox: Inbox) -> ConsumerBuilder<H> {
+        ConsumerBuilder {
+            handler,
+            inbox,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            topology: None,
+            policy: RetryPolicy::default(),
+            classifier: Arc::new(DefaultClassifier),
+            prefetch: None,
+            concurrency: None,
+            limits: ContractLimits::default(),
+            confirm_timeout: None,
+            requeue_delay: None,
+            shutdown_timeout: None,
+            fault_injection: None,
+        }
+    }
+
+    /// Consumes until `shutdown` completes (see [`crate::shutdown_signal`]), then finishes the
+    /// in-flight deliveries, acks them and closes. Reconnects by itself after connection loss.
+    pub async fn run(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), oncely_amqp::AmqpError> {
+        self.runtime.run(shutdown).await
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.runtime.stats().snapshot()
+    }
+
+    /// Shared handle on the live counters, readable from another task while `run` goes on.
+    pub fn stats_handle(&self) -> Arc<oncely_amqp::ConsumerStats> {
+        self.runtime.stats()
+    }
+
+    /// The topology consumed.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+}
+
+/// Builder of a [`Consumer`].
+pub struct ConsumerBuilder<H> {
+    handler: H,
+    inbox: Inbox,
+    amqp_url: String,
+    topology: Option<Topology>,
+    policy: RetryPolicy,
+    classifier: Arc<dyn Classifier>,
+    prefetch: Option<u16>,
+    concurrency: Option<usize>,
+    limits: ContractLimits,
+    confirm_timeout: Option<Duration>,
+    requeue_delay: Option<Duration>,
+    shutdown_timeout: Option<Duration>,
+    fault_injection: Option<FaultInjection>,
+}
+
+impl<H> std::fmt::Debug for ConsumerBuilder<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .field("topology", &self.topology)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> ConsumerBuilder<H> {
+    /// RabbitMQ URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub fn amqp_url(mut self, url: impl Into<String>) -> Self {
+        self.amqp_url = url.into();
+        self
+    }
+
+    /// Queue, exchange and bindings. Default: queue `<consumer>.q` on exchange `<consumer>`
+    /// with no binding. The delay tiers are taken from the retry policy.
+    pub fn topology(mut self, topology: Topology) -> Self {
+        self.topology = Some(topology);
+        self
+    }
+
+    /// Retry policy. Default [`RetryPolicy::default`].
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Classifier of handler failures. Default [`DefaultClassifier`].
+    pub fn classifier(mut self, classifier: impl Classifier + 'static) -> Self {
+        self.classifier = Arc::new(classifier);
+        self
+    }
+
+    /// Broker prefetch (unacked deliveries in flight). Default 32.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch);
+        self
+    }
+
+    /// Deliveries processed at once. Default 8. Keep the database pool at least this large.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = Some(concurrency);
+        self
+    }
+
+    /// Contract bounds (message id length, body size).
+    pub fn limits(mut self, limits: ContractLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Longest wait for the confirm of a retry, dead-letter or parking copy. Default 5 s.
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = Some(timeout);
+        self
+    }
+
+    /// Pause before a message goes back to the queue after a database outage. Default 1 s.
+    pub fn requeue_delay(mut self, delay: Duration) -> Self {
+        self.requeue_delay = Some(delay);
+        self
+    }
+
+    /// Longest wait for in-flight deliveries at shutdown. Default 30 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = Some(timeout);
+        self
+    }
+
+    /// Test hook that simulates a crash between commit and ack.
+    #[doc(hidden)]
+    pub fn fault_injection(mut self, fault: FaultInjection) -> Self {
+        self.fault_injection = Some(fault);
+        self
+    }
+
+    /// The consumer.
+    pub fn build(self) -> Consumer {
+        let name = self.handler.consumer_name().to_owned();
+        let topology = self
+            .topology
+            .unwrap_or_else(|| Topology::new(name.clone(), format!("{name}.q")))
+            .retry_tiers(self.policy.tiers());
+        let mut options = ConsumerOptions::new(name, self.amqp_url, topology.clone());
+        options.limits = self.limits;
+        options.fault_injection = self.fault_injection;
+        if let Some(v) = self.prefetch {
+            options.prefetch = v;
+        }
+        if let Some(v) = self.concurrency {
+            options.concurrency = v;
+        }
+        if let Some(v) = self.confirm_timeout {
+            options.confirm_timeout = v;
+        }
+        if let Some(v) = self.requeue_delay {
+            options.requeue_delay = v;
+        }
+        if let Some(v) = self.shutdown_timeout {
+            options.shutdown_timeout = v;
+        }
+        let processor = InboxProcessor {
+            handler: Arc::new(self.handler),
+            inbox: self.inbox,
+            policy: self.policy,
+            classifier: self.classifier,
+        };
+        Consumer {
+            runtime: ConsumerRuntime::new(options, Arc::new(processor)),
+            topology,
+        }
+    }
+}
+
+/// Runs a handler through the inbox and turns the outcome into what the runtime does.
+pub(crate) struct InboxProcessor<H> {
+    pub(crate) handler: Arc<H>,
+    pub(crate) inbox: Inbox,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) classifier: Arc<dyn Classifier>,
+}
+
+impl<H: Handler> InboxProcessor<H> {
+    /// Runs `envelope` through the inbox and the handler.
+    pub(crate) async fn run(&self, envelope: Envelope<H::Message>) -> Processed {
+        let attempt = envelope.metadata.attempt;
+        let handler = self.handler.clone();
+        let result = self
+            .inbox
+            .run(self.handler.consumer_name(), envelope, move |conn, msg| {
+                Box::pin(async move { handler.handle(conn, msg).await })
+            })
+            .await;
+        match result {
+            Ok(Outcome::Processed { .. }) => Processed::Decision(Decision::Ack),
+            Ok(Outcome::Duplicate) => Processed::Decision(Decision::AckDuplicate),
+            Err(InboxError::Handler(error)) => {
+                tracing::info!(
+                    kind = error.kind().as_str(),
+                    code = error.code(),
+                    error = error.message(),
+                    "handler failed"
+                );
+                Processed::Decision(self.classifier.classify(&error, attempt, &self.policy))
+            }
+            Err(infrastructure) => Processed::Requeue {
+                reason: infrastructure.to_string(),
+            },
+        }
+    }
+}
+
+impl<H: Handler> DeliveryProcessor for InboxProcessor<H> {
+    fn process<'a>(&'a self, metadata: Metadata, body: &'a [u8]) -> BoxFuture<'a, Processed> {
+        Box::pin(async move {
+            match Envelope::<H::Message>::decode(metadata, body) {
+                Ok(envelope) => self.run(envelope).await,
+                Err(violation) => Processed::Decision(Decision::DeadLetter {
+                    reason: Reason::from(&violation),
+                }),
+            }
+        })
+    }
+}
