@@ -63,8 +63,10 @@ impl std::fmt::Debug for FaultInjection {
 /// Settings of a consumer runtime.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
-    /// Consumer name, for logs and the connection name.
+    /// Consumer name, for logs.
     pub consumer_name: String,
+    /// Connection name shown by the broker. Default: the consumer name.
+    pub connection_name: String,
     /// `amqp://` URL.
     pub amqp_url: String,
     /// The queue to consume and its retry, dead-letter and parking queues.
@@ -96,8 +98,10 @@ impl ConsumerOptions {
         amqp_url: impl Into<String>,
         topology: Topology,
     ) -> Self {
+        let consumer_name = consumer_name.into();
         ConsumerOptions {
-            consumer_name: consumer_name.into(),
+            connection_name: consumer_name.clone(),
+            consumer_name,
             amqp_url: amqp_url.into(),
             topology,
             declare_topology: true,
@@ -275,7 +279,7 @@ impl ConsumerRuntime {
             ..options.reconnect
         };
         let connection =
-            Arc::new(connect(&options.amqp_url, &options.consumer_name, single_try).await?);
+            Arc::new(connect(&options.amqp_url, &options.connection_name, single_try).await?);
         if options.declare_topology {
             options.topology.declare(&connection).await?;
         }

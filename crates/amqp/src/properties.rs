@@ -138,7 +138,7 @@ mod tests {
             .with_correlation_id("c-1".into())
             .with_content_type("application/json".into())
             .with_app_id("order-service".into())
-            .with_kind("order.created.v1".into())
+            .with_type("order.created.v1".into())
             .with_timestamp(1_700_000_000)
             .with_headers(t)
     }

@@ -47,6 +47,7 @@ impl Consumer {
             handler,
             inbox,
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            connection_name: None,
             topology: None,
             policy: RetryPolicy::default(),
             classifier: Arc::new(DefaultClassifier),
@@ -90,6 +91,7 @@ pub struct ConsumerBuilder<H> {
     handler: H,
     inbox: Inbox,
     amqp_url: String,
+    connection_name: Option<String>,
     topology: Option<Topology>,
     policy: RetryPolicy,
     classifier: Arc<dyn Classifier>,
@@ -115,6 +117,13 @@ impl<H: Handler> ConsumerBuilder<H> {
     /// RabbitMQ URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub fn amqp_url(mut self, url: impl Into<String>) -> Self {
         self.amqp_url = url.into();
+        self
+    }
+
+    /// Connection name shown by the broker (`rabbitmqctl list_connections`). Default: the
+    /// consumer name.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
         self
     }
 
@@ -189,6 +198,9 @@ impl<H: Handler> ConsumerBuilder<H> {
             .retry_tiers(self.policy.tiers());
         let mut options = ConsumerOptions::new(name, self.amqp_url, topology.clone());
         options.limits = self.limits;
+        if let Some(v) = self.connection_name {
+            options.connection_name = v;
+        }
         options.fault_injection = self.fault_injection;
         if let Some(v) = self.prefetch {
             options.prefetch = v;

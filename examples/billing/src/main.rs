@@ -1,1 +1,239 @@
-fn main() {}
+//! Billing: one invoice per order, whatever RabbitMQ redelivers.
+//!
+//! Run with:
+//!   cargo run -p billing -- demo --count 1000 --duplicate-rate 0.2 --poison 7
+//!   cargo run -p billing -- run                 # consume until Ctrl-C / SIGTERM
+//!   cargo run -p billing -- publish --count 100 # publish orders to order.events
+
+use anyhow::Context;
+use billing::{PublishPlan, create_invoice};
+use clap::{Parser, Subcommand};
+use oncely::{ConfirmPublisher, Consumer, Inbox, PoolOptions, StatsSnapshot};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(name = "billing", about = "Billing consumer of the oncely drill")]
+struct Cli {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
+    )]
+    database_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Consume billing.order-events.q until Ctrl-C or SIGTERM.
+    Run {
+        /// Deliveries processed at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Publish orders (with duplicates and poison messages) to order.events.
+    Publish {
+        #[command(flatten)]
+        batch: Batch,
+    },
+    /// Publish a batch, consume until it is settled, print what happened.
+    Demo {
+        #[command(flatten)]
+        batch: Batch,
+        /// Deliveries processed at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct Batch {
+    /// Distinct orders.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Extra publishes repeating an order, as a share of `count`.
+    #[arg(long, default_value_t = 0.2)]
+    duplicate_rate: f64,
+    /// Bad messages (invalid JSON, no message id, wrong types, ...).
+    #[arg(long, default_value_t = 7)]
+    poison: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,billing=info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    billing::migrate(&cli.database_url)
+        .await
+        .context("running migrations")?;
+    let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
+    match cli.command {
+        Command::Run { concurrency } => {
+            let consumer = consumer(&cli.amqp_url, pool, concurrency);
+            consumer.run(oncely::shutdown_signal()).await?;
+            print_stats(&consumer.stats());
+        }
+        Command::Publish { batch } => {
+            let prefix = run_prefix();
+            let summary = publish(&cli.amqp_url, &prefix, &batch).await?;
+            println!(
+                "published {} messages to {}: {} orders ({prefix}-*), {} duplicates, {} poison",
+                summary.total(),
+                billing::ORDER_EVENTS_EXCHANGE,
+                summary.orders,
+                summary.duplicates,
+                summary.poison
+            );
+        }
+        Command::Demo {
+            batch,
+            concurrency,
+            timeout_secs,
+        } => demo(&cli.amqp_url, pool, batch, concurrency, timeout_secs).await?,
+    }
+    Ok(())
+}
+
+fn consumer(amqp_url: &str, pool: oncely::Pool, concurrency: usize) -> Consumer {
+    Consumer::builder(create_invoice, Inbox::new(pool))
+        .amqp_url(amqp_url)
+        .topology(billing::topology())
+        .concurrency(concurrency)
+        .build()
+}
+
+fn run_prefix() -> String {
+    format!("ord-{}", chrono::Utc::now().format("%Y%m%d%H%M%S%3f"))
+}
+
+async fn publish(
+    amqp_url: &str,
+    prefix: &str,
+    batch: &Batch,
+) -> anyhow::Result<billing::PublishSummary> {
+    let connection = oncely::connect(amqp_url, "billing-publisher", Default::default()).await?;
+    let connection = Arc::new(connection);
+    // Declare first, so nothing published before the first consumer start is unroutable.
+    billing::topology().declare(&connection).await?;
+    let publisher = ConfirmPublisher::new(connection.clone(), Duration::from_secs(5));
+    let plan = PublishPlan {
+        prefix: prefix.to_owned(),
+        orders: batch.count,
+        duplicate_rate: batch.duplicate_rate,
+        poison: batch.poison,
+        seed: 7,
+    };
+    let summary =
+        billing::publish_orders(&publisher, billing::ORDER_EVENTS_EXCHANGE, &plan).await?;
+    let _ = connection.close(200, "published".into()).await;
+    Ok(summary)
+}
+
+async fn demo(
+    amqp_url: &str,
+    pool: oncely::Pool,
+    batch: Batch,
+    concurrency: usize,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    let prefix = run_prefix();
+    let summary = publish(amqp_url, &prefix, &batch).await?;
+    println!(
+        "published {} messages: {} orders, {} duplicates, {} poison",
+        summary.total(),
+        summary.orders,
+        summary.duplicates,
+        summary.poison
+    );
+    let consumer = Arc::new(consumer(amqp_url, pool.clone(), concurrency));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            consumer
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(timeout_secs);
+    let mut conn = pool.get().await?;
+    loop {
+        let invoices = billing::count_invoices(&mut conn, &format!("{prefix}-")).await? as usize;
+        let stats = consumer.stats();
+        if invoices >= summary.orders && stats.settled() as usize >= summary.total() {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "timed out: {invoices} of {} invoices after {timeout_secs}s ({stats:?})",
+                summary.orders
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    drop(conn);
+    let _ = stop.send(());
+    running.await??;
+    let mut conn = pool.get().await?;
+    let invoices = billing::count_invoices(&mut conn, &format!("{prefix}-")).await?;
+    let stats = consumer.stats();
+    println!(
+        "consumed in {:.2}s at concurrency {concurrency}",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "invoices created:   {invoices} (orders published: {})",
+        summary.orders
+    );
+    println!("duplicates skipped: {}", stats.duplicates);
+    println!(
+        "dead-lettered:      {} (to {})",
+        stats.dead_lettered,
+        billing::topology().dlq()
+    );
+    print_stats(&stats);
+    if invoices as usize != summary.orders {
+        anyhow::bail!(
+            "expected exactly {} invoices, found {invoices}",
+            summary.orders
+        );
+    }
+    Ok(())
+}
+
+fn print_stats(stats: &StatsSnapshot) {
+    println!(
+        "consumer counters: received {} processed {} duplicates {} retried {} dead-lettered {} parked {} requeued {} ack-failures {} reconnects {}",
+        stats.received,
+        stats.processed,
+        stats.duplicates,
+        stats.retried,
+        stats.dead_lettered,
+        stats.parked,
+        stats.requeued,
+        stats.ack_failures,
+        stats.reconnects
+    );
+}

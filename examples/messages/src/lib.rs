@@ -1,1 +1,46 @@
+//! Message types of the oncely practice drill, shared by its services and tests.
 
+use serde::{Deserialize, Serialize};
+
+/// Topic exchange the order service publishes to.
+pub const ORDER_EVENTS_EXCHANGE: &str = "order.events";
+
+/// Routing key and message type of [`OrderCreated`].
+pub const ORDER_CREATED_V1: &str = "order.created.v1";
+
+/// `order.created.v1`: an order was placed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderCreated {
+    /// Order id, e.g. `ord-1`.
+    pub order_id: String,
+    /// Customer id, e.g. `cus-1`.
+    pub customer_id: String,
+    /// Amount in the currency's minor unit.
+    pub amount_cents: i64,
+    /// ISO 4217 code, e.g. `IDR`.
+    pub currency: String,
+}
+
+impl OrderCreated {
+    /// The producer's stable message id for this event: the same order always gets the same id,
+    /// so a re-publish is recognised as a duplicate.
+    pub fn message_id(&self) -> String {
+        format!("{ORDER_CREATED_V1}:{}", self.order_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_of_the_design_decodes() {
+        let o: OrderCreated = serde_json::from_str(
+            r#"{"order_id": "ord-1", "customer_id": "cus-1", "amount_cents": 125000, "currency": "IDR"}"#,
+        )
+        .expect("decodes");
+        assert_eq!(o.amount_cents, 125_000);
+        assert_eq!(o.message_id(), "order.created.v1:ord-1");
+    }
+}
