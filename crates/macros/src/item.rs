@@ -1,0 +1,254 @@
+//! Parsing and validation of the annotated `async fn`.
+
+use proc_macro2::{Delimiter, Group, Span};
+use quote::ToTokens;
+use syn::parse::{Parse, ParseStream};
+use syn::{
+    Attribute, FnArg, GenericArgument, PatType, PathArguments, ReturnType, Signature, Type,
+    Visibility,
+};
+
+/// The annotated function. The body is kept as raw tokens: it is pasted into the generated
+/// `call` unchanged, so there is no need to parse it (which also keeps the macro fast while
+/// the body is being edited).
+pub(crate) struct HandlerFn {
+    /// Outer attributes, doc comments included.
+    pub(crate) attrs: Vec<Attribute>,
+    /// The function's visibility; the generated struct gets the same one.
+    pub(crate) vis: Visibility,
+    /// The signature as written.
+    pub(crate) sig: Signature,
+    /// The `{ ... }` body.
+    pub(crate) body: Group,
+}
+
+impl Parse for HandlerFn {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let attrs = input.call(Attribute::parse_outer)?;
+        let vis: Visibility = input.parse()?;
+        if input.fork().parse::<Signature>().is_err() {
+            return Err(input.error(format!(
+                "#[oncely::handler] applies to an `async fn`: {}",
+                expected("NAME")
+            )));
+        }
+        let sig: Signature = input.parse()?;
+        let body: Group = input.parse()?;
+        if body.delimiter() != Delimiter::Brace {
+            return Err(syn::Error::new(
+                body.span(),
+                "expected a function body `{ ... }`",
+            ));
+        }
+        if !input.is_empty() {
+            return Err(input.error("unexpected tokens after the function body"));
+        }
+        Ok(HandlerFn {
+            attrs,
+            vis,
+            sig,
+            body,
+        })
+    }
+}
+
+/// The pieces of a valid handler signature.
+pub(crate) struct HandlerSig<'a> {
+    /// `conn: &mut AsyncPgConnection`, as written.
+    pub(crate) conn: &'a PatType,
+    /// `msg: Envelope<T>`, as written.
+    pub(crate) msg: &'a PatType,
+    /// `T` from `Envelope<T>`.
+    pub(crate) message: &'a Type,
+    /// The return type, as written.
+    pub(crate) output: &'a Type,
+}
+
+/// The signature every error message points to.
+fn expected(name: &str) -> String {
+    format!(
+        "expected `async fn {name}(conn: &mut AsyncPgConnection, msg: Envelope<T>) \
+         -> Result<(), HandlerError>`"
+    )
+}
+
+/// Looks through the invisible groups `macro_rules!` puts around `$t:ty`, and parentheses.
+fn peel(ty: &Type) -> &Type {
+    match ty {
+        Type::Group(group) => peel(&group.elem),
+        Type::Paren(paren) => peel(&paren.elem),
+        other => other,
+    }
+}
+
+/// `T` if `ty` is written `...::Envelope<T>`.
+fn envelope_payload(ty: &Type) -> Option<&Type> {
+    let Type::Path(path) = peel(ty) else {
+        return None;
+    };
+    if path.qself.is_some() {
+        return None;
+    }
+    let last = path.path.segments.last()?;
+    if last.ident != "Envelope" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let mut args = args.args.iter();
+    match (args.next(), args.next()) {
+        (Some(GenericArgument::Type(payload)), None) => Some(payload),
+        _ => None,
+    }
+}
+
+/// Collects several errors into one.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    /// An error at one span.
+    fn push(&mut self, span: Span, message: impl std::fmt::Display) {
+        self.add(syn::Error::new(span, message));
+    }
+
+    /// An error underlining all of `tokens` (`Span::join` is nightly-only, but rustc joins
+    /// the first and last spans of the emitted `compile_error!`).
+    fn push_spanned(&mut self, tokens: impl ToTokens, message: impl std::fmt::Display) {
+        self.add(syn::Error::new_spanned(tokens, message));
+    }
+
+    fn add(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(first) => first.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+}
+
+impl HandlerFn {
+    /// Checks the signature's shape; the types themselves are checked by the compiler, through
+    /// the assertions the expansion emits.
+    pub(crate) fn validate(&self) -> syn::Result<HandlerSig<'_>> {
+        let sig = &self.sig;
+        let expected = expected(&sig.ident.to_string());
+        let mut errors = Errors::default();
+
+        if let Some(token) = &sig.constness {
+            errors.push_spanned(
+                token,
+                format!("oncely handlers cannot be `const fn`; {expected}"),
+            );
+        }
+        if sig.asyncness.is_none() {
+            errors.push(sig.fn_token.span, "oncely handlers must be `async fn`");
+        }
+        if let Some(token) = &sig.unsafety {
+            errors.push_spanned(
+                token,
+                format!("oncely handlers cannot be `unsafe fn`; {expected}"),
+            );
+        }
+        if let Some(abi) = &sig.abi {
+            errors.push_spanned(
+                abi,
+                format!("oncely handlers cannot be `extern fn`; {expected}"),
+            );
+        }
+        if !sig.generics.params.is_empty() {
+            errors.push_spanned(
+                &sig.generics,
+                format!("oncely handlers cannot be generic; {expected}"),
+            );
+        }
+        if let Some(where_clause) = &sig.generics.where_clause {
+            errors.push_spanned(
+                where_clause,
+                format!("oncely handlers cannot have a `where` clause; {expected}"),
+            );
+        }
+        if let Some(variadic) = &sig.variadic {
+            errors.push_spanned(
+                variadic,
+                format!("oncely handlers cannot be variadic; {expected}"),
+            );
+        }
+
+        let mut typed = Vec::new();
+        for input in &sig.inputs {
+            match input {
+                FnArg::Receiver(receiver) => errors.push_spanned(
+                    receiver,
+                    format!(
+                        "oncely handlers are free functions and cannot take `self`; {expected}"
+                    ),
+                ),
+                FnArg::Typed(arg) => typed.push(arg),
+            }
+        }
+        let (conn, msg) = match typed.as_slice() {
+            [conn, msg] if sig.receiver().is_none() => (Some(*conn), Some(*msg)),
+            _ => {
+                if sig.receiver().is_none() {
+                    errors.push(
+                        sig.paren_token.span.join(),
+                        format!(
+                            "oncely handlers take exactly 2 arguments, found {}; {expected}",
+                            sig.inputs.len()
+                        ),
+                    );
+                }
+                (None, None)
+            }
+        };
+
+        if let Some(conn) = conn {
+            let is_mut_ref = matches!(peel(&conn.ty), Type::Reference(r) if r.mutability.is_some());
+            if !is_mut_ref {
+                errors.push_spanned(
+                    &conn.ty,
+                    format!("the first argument must be `&mut AsyncPgConnection`; {expected}"),
+                );
+            }
+        }
+        let message = msg.and_then(|msg| {
+            let payload = envelope_payload(&msg.ty);
+            if payload.is_none() {
+                errors.push_spanned(
+                    &msg.ty,
+                    format!(
+                        "the second argument must be `Envelope<T>`, T being the message type; \
+                         {expected}"
+                    ),
+                );
+            }
+            payload
+        });
+
+        let output = match &sig.output {
+            ReturnType::Type(_, ty) => Some(&**ty),
+            ReturnType::Default => {
+                errors.push(
+                    sig.paren_token.span.close(),
+                    format!("missing return type `-> Result<(), HandlerError>`; {expected}"),
+                );
+                None
+            }
+        };
+
+        if let Some(error) = errors.0 {
+            return Err(error);
+        }
+        match (conn, msg, message, output) {
+            (Some(conn), Some(msg), Some(message), Some(output)) => Ok(HandlerSig {
+                conn,
+                msg,
+                message,
+                output,
+            }),
+            // Every `None` above pushed an error.
+            _ => Err(syn::Error::new(sig.ident.span(), expected)),
+        }
+    }
+}
