@@ -1,1 +1,403 @@
+#![allow(missing_debug_implementations)]
+//! Test kit for the end-to-end tests: every test gets its own PostgreSQL schema, exchange and
+//! queues (unique names), talks to the real services, and cleans up after itself.
 
+use billing::{ORDER_CREATED_V1, OrderCreated};
+use futures_lite::future;
+use oncely::lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use oncely::lapin::types::{AMQPValue, FieldTable};
+use oncely::lapin::{BasicProperties, Connection};
+use oncely::testing::{TestSchema, unique_name};
+use oncely::{
+    AmqpError, ConfirmPublisher, Consumer, ConsumerBuilder, Handler, Inbox, OutgoingMessage, Pool,
+    PoolOptions, StatsSnapshot, Topology,
+};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// `AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A message read back from a queue.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Properties, headers included.
+    pub properties: BasicProperties,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// A header as text (long or short string), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        match self.properties.headers().as_ref()?.inner().get(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            AMQPValue::LongLongInt(n) => Some(n.to_string()),
+            AMQPValue::LongInt(n) => Some(n.to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+
+    /// The `message_id` property.
+    pub fn message_id(&self) -> Option<String> {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+    }
+}
+
+/// One test's world: a schema with the inbox and invoices tables, an exchange and a consumer
+/// queue with its retry, dead-letter and parking queues.
+pub struct Harness {
+    /// Unique name of this test's resources.
+    pub name: String,
+    /// The schema (dropped with the harness).
+    pub schema: TestSchema,
+    /// Pool on the schema.
+    pub pool: Pool,
+    /// Inbox on the pool.
+    pub inbox: Inbox,
+    /// Exchange and queues of this test.
+    pub topology: Topology,
+    /// Connection for publishing and inspecting queues.
+    pub connection: Arc<Connection>,
+    /// Confirmed publisher on that connection.
+    pub publisher: ConfirmPublisher,
+}
+
+impl Harness {
+    /// A harness whose queue has delay queues for `tiers`.
+    pub async fn new(tiers: &[Duration]) -> Harness {
+        init_tracing();
+        let schema = TestSchema::create().await.expect("create test schema");
+        billing::migrate(schema.url()).await.expect("migrations");
+        let pool = oncely::connect_pool(schema.url(), &PoolOptions::default());
+        let name = unique_name("t");
+        let topology = Topology::new(format!("oncely.test.{name}"), format!("billing.{name}.q"))
+            .bind(ORDER_CREATED_V1)
+            .retry_tiers(tiers);
+        let connection = Arc::new(
+            oncely::connect(&amqp_url(), &format!("{name}-harness"), Default::default())
+                .await
+                .expect("connect to RabbitMQ"),
+        );
+        topology
+            .declare(&connection)
+            .await
+            .expect("declare topology");
+        let publisher = ConfirmPublisher::new(connection.clone(), Duration::from_secs(5));
+        Harness {
+            name,
+            schema,
+            inbox: Inbox::new(pool.clone()),
+            pool,
+            topology,
+            connection,
+            publisher,
+        }
+    }
+
+    /// Connection name of this test's consumers, for [`Harness::close_consumer_connections`].
+    pub fn consumer_connection_name(&self) -> String {
+        format!("{}-consumer", self.name)
+    }
+
+    /// A consumer builder wired to this test's inbox, broker and topology.
+    pub fn consumer<H: Handler>(&self, handler: H) -> ConsumerBuilder<H> {
+        Consumer::builder(handler, self.inbox.clone())
+            .amqp_url(amqp_url())
+            .topology(self.topology.clone())
+            .connection_name(self.consumer_connection_name())
+    }
+
+    /// Runs `consumer` in the background.
+    pub fn start(&self, consumer: Consumer) -> Running {
+        let consumer = Arc::new(consumer);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = {
+            let consumer = consumer.clone();
+            tokio::spawn(async move {
+                consumer
+                    .run(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            })
+        };
+        Running {
+            consumer,
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    /// Publishes an order with its stable message id.
+    pub async fn publish_order(&self, order: &OrderCreated) {
+        billing::publish_order(&self.publisher, self.topology.exchange(), order)
+            .await
+            .expect("publish order");
+    }
+
+    /// Publishes any body with any properties to the test exchange.
+    pub async fn publish_raw(&self, body: &[u8], properties: BasicProperties) {
+        self.publisher
+            .publish(OutgoingMessage {
+                exchange: self.topology.exchange(),
+                routing_key: ORDER_CREATED_V1,
+                body,
+                properties,
+            })
+            .await
+            .expect("publish");
+    }
+
+    /// Invoices in this test's schema.
+    pub async fn invoices(&self) -> i64 {
+        let mut conn = self.pool.get().await.expect("connection");
+        billing::count_invoices(&mut conn, "")
+            .await
+            .expect("count invoices")
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        self.queue_counts(queue).await.0
+    }
+
+    /// Waits until the broker reports a consumer on this test's queue.
+    pub async fn wait_for_consumer(&self) {
+        wait_until(
+            "a consumer on the queue",
+            Duration::from_secs(20),
+            || async { self.queue_counts(self.topology.queue()).await.1 >= 1 },
+        )
+        .await;
+    }
+
+    /// (messages ready, consumers) of `queue`.
+    pub async fn queue_counts(&self, queue: &str) -> (u32, u32) {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = channel.close(200, "done".into()).await;
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Takes every message out of `queue`.
+    pub async fn drain(&self, queue: &str) -> Vec<Received> {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(m) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            let delivery = m.delivery;
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+            out.push(Received {
+                properties: delivery.properties.clone(),
+                body: delivery.data.clone(),
+            });
+        }
+        let _ = channel.close(200, "done".into()).await;
+        out
+    }
+
+    /// Waits until `queue` holds `count` messages, then takes them.
+    pub async fn expect_in_queue(&self, queue: &str, count: u32) -> Vec<Received> {
+        wait_until(
+            &format!("{count} messages in {queue}"),
+            Duration::from_secs(20),
+            || async { self.queue_len(queue).await >= count },
+        )
+        .await;
+        let got = self.drain(queue).await;
+        assert_eq!(got.len() as u32, count, "messages in {queue}");
+        got
+    }
+
+    /// Closes, from the broker's side, every connection of this test's consumers (as
+    /// `rabbitmqctl close_connection` would in production). Returns how many were closed.
+    pub async fn close_consumer_connections(&self) -> usize {
+        let name = self.consumer_connection_name();
+        tokio::task::spawn_blocking(move || close_connections_named(&name))
+            .await
+            .expect("rabbitmqctl task")
+    }
+}
+
+fn close_connections_named(name: &str) -> usize {
+    // Plain output: `<pid>\t[{"capabilities",[..]},{"connection_name","NAME"},..]` per line.
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "-q",
+            "--no-table-headers",
+        ])
+        .output()
+        .expect("run rabbitmqctl list_connections");
+    let needle = format!("{{\"connection_name\",\"{name}\"}}");
+    let mut closed = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some((pid, properties)) = line.split_once('\t') else {
+            continue;
+        };
+        if !properties.contains(&needle) {
+            continue;
+        }
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "close_connection",
+                pid,
+                "oncely test: broker closed the connection",
+                "-q",
+            ])
+            .status()
+            .expect("run rabbitmqctl close_connection");
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let t = self.topology.clone();
+        let url = amqp_url();
+        let mut queues = vec![t.queue().to_owned(), t.dlq(), t.parking()];
+        queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
+        let cleaner = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(conn) = Connection::connect(&url, Default::default()).await else {
+                    return;
+                };
+                if let Ok(channel) = conn.create_channel().await {
+                    for q in queues {
+                        let _ = channel
+                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    let _ = channel
+                        .exchange_delete(t.exchange().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        });
+        let _ = cleaner.join();
+    }
+}
+
+/// A consumer running in the background.
+pub struct Running {
+    consumer: Arc<Consumer>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), AmqpError>>,
+}
+
+impl Running {
+    /// Its counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.consumer.stats()
+    }
+
+    /// Waits until the counters satisfy `condition`.
+    pub async fn wait_for_stats(&self, what: &str, condition: impl Fn(&StatsSnapshot) -> bool) {
+        wait_until(what, Duration::from_secs(30), || {
+            let ok = condition(&self.stats());
+            async move { ok }
+        })
+        .await;
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), AmqpError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.handle).await.expect("consumer task")
+    }
+
+    /// True when `run` already returned.
+    pub fn finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `condition` every 25 ms until it holds; fails the test after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs `f` and returns its value, failing the test if it takes longer than `timeout`.
+pub async fn within<T>(what: &str, timeout: Duration, f: impl Future<Output = T>) -> T {
+    let timed = async {
+        tokio::time::sleep(timeout).await;
+        None
+    };
+    future::or(async { Some(f.await) }, timed)
+        .await
+        .unwrap_or_else(|| panic!("{what} took longer than {timeout:?}"))
+}

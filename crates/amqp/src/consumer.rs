@@ -323,10 +323,10 @@ async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
 }
 
 fn report_task_end(joined: std::result::Result<(), tokio::task::JoinError>) {
-    if let Err(e) = joined {
-        if e.is_panic() {
-            tracing::error!(error = %e, "delivery task panicked; the broker will redeliver the message");
-        }
+    if let Err(e) = joined
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "delivery task panicked; the broker will redeliver the message");
     }
 }
 
@@ -381,19 +381,16 @@ async fn handle_delivery(
                 (processed, attempt, Some(metadata))
             }
         };
-        if let (Some(fault), Some(metadata)) = (&options.fault_injection, &metadata) {
-            if matches!(processed, Processed::Decision(Decision::Ack))
-                && (fault.crash_after_commit)(metadata)
-            {
-                tracing::warn!(
-                    "fault injection: closing the connection after commit, before the ack"
-                );
-                let _ = session
-                    .connection
-                    .close(320, "fault injection: crash after commit".into())
-                    .await;
-                return;
-            }
+        if let (Some(fault), Some(metadata)) = (&options.fault_injection, &metadata)
+            && matches!(processed, Processed::Decision(Decision::Ack))
+            && (fault.crash_after_commit)(metadata)
+        {
+            tracing::warn!("fault injection: closing the connection after commit, before the ack");
+            let _ = session
+                .connection
+                .close(320, "fault injection: crash after commit".into())
+                .await;
+            return;
         }
         settle(&shared, &session, &delivery, processed, attempt).await;
     }

@@ -1,7 +1,7 @@
 //! From AMQP properties and headers to the contract's [`RawMetadata`], and back for copies.
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, LongString};
 use oncely_core::{HeaderValue, RawMetadata, Reason, headers};
 
 const CONTRACT_HEADERS: [&str; 4] = [
@@ -98,10 +98,7 @@ pub(crate) struct CopyHeaders<'a> {
 
 /// The original's properties (same message id and everything else) with oncely's headers.
 pub(crate) fn copy_properties(original: &BasicProperties, h: CopyHeaders<'_>) -> BasicProperties {
-    let mut table = original
-        .headers()
-        .clone()
-        .unwrap_or_else(FieldTable::default);
+    let mut table = original.headers().clone().unwrap_or_default();
     let long = |s: &str| AMQPValue::LongString(LongString::from(s));
     table.insert(
         headers::ATTEMPT.into(),
@@ -127,6 +124,7 @@ pub(crate) fn copy_properties(original: &BasicProperties, h: CopyHeaders<'_>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::FieldTable;
 
     fn props_with(headers: Vec<(&str, AMQPValue)>) -> BasicProperties {
         let mut t = FieldTable::default();

@@ -205,12 +205,10 @@ impl Metadata {
             }
             Some(id) => id,
         };
-        if let Some(content_type) = &raw.content_type {
-            if !is_json(content_type) {
-                return Err(ContractViolation::UnsupportedContentType {
-                    found: content_type.clone(),
-                });
-            }
+        if let Some(content_type) = raw.content_type.as_ref().filter(|c| !is_json(c)) {
+            return Err(ContractViolation::UnsupportedContentType {
+                found: content_type.clone(),
+            });
         }
         if raw.body_len > limits.max_body_bytes {
             return Err(ContractViolation::BodyTooLarge {

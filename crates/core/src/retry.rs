@@ -124,11 +124,11 @@ impl Default for RetryPolicy {
 /// Name of a delay tier in queue names: `250ms`, `5s`, `2m`, `1h`.
 pub fn tier_label(delay: Duration) -> String {
     let ms = delay.as_millis();
-    if ms % 3_600_000 == 0 {
+    if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

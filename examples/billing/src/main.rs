@@ -35,6 +35,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Apply the inbox and billing migrations, then exit.
+    Migrate,
     /// Consume billing.order-events.q until Ctrl-C or SIGTERM.
     Run {
         /// Deliveries processed at once.
@@ -86,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
         .context("running migrations")?;
     let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
     match cli.command {
+        Command::Migrate => println!("migrations applied"),
         Command::Run { concurrency } => {
             let consumer = consumer(&cli.amqp_url, pool, concurrency);
             consumer.run(oncely::shutdown_signal()).await?;

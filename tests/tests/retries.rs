@@ -1,0 +1,180 @@
+//! Retryable failures go through the delay queues with an attempt header; permanent ones and
+//! exhausted retries go to the DLQ; parked ones to the parking lot.
+
+use billing::{OrderCreated, create_invoice, order};
+use oncely::{AsyncPgConnection, Envelope, HandlerError, RetryPolicy, Topology};
+use oncely_e2e::Harness;
+use std::time::Duration;
+
+fn tiers() -> Vec<Duration> {
+    vec![Duration::from_millis(100), Duration::from_millis(200)]
+}
+
+#[oncely::handler(consumer = "billing")]
+async fn flaky_until_third_attempt(
+    conn: &mut AsyncPgConnection,
+    msg: Envelope<OrderCreated>,
+) -> Result<(), HandlerError> {
+    if msg.metadata.attempt < 3 {
+        return Err(HandlerError::retryable(
+            "gateway_down",
+            format!(
+                "payment gateway unavailable on attempt {}",
+                msg.metadata.attempt
+            ),
+        ));
+    }
+    create_invoice::call(conn, msg).await
+}
+
+#[oncely::handler(consumer = "billing")]
+async fn always_down(
+    _conn: &mut AsyncPgConnection,
+    _msg: Envelope<OrderCreated>,
+) -> Result<(), HandlerError> {
+    Err(HandlerError::retryable(
+        "gateway_down",
+        "payment gateway unavailable",
+    ))
+}
+
+#[oncely::handler(consumer = "billing")]
+async fn needs_review(
+    _conn: &mut AsyncPgConnection,
+    msg: Envelope<OrderCreated>,
+) -> Result<(), HandlerError> {
+    Err(HandlerError::park(
+        "manual_review",
+        format!("order {} needs a person", msg.payload.order_id),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_error_is_retried_through_the_delay_queue_with_attempt_header_then_succeeds() {
+    let h = Harness::new(&tiers()).await;
+    let consumer = h
+        .consumer(flaky_until_third_attempt)
+        .retry_policy(RetryPolicy::new(5, tiers()))
+        .build();
+    let running = h.start(consumer);
+    let o = order(&h.name, 1);
+    h.publish_order(&o).await;
+    running
+        .wait_for_stats("processed on the third attempt", |s| s.processed == 1)
+        .await;
+
+    let stats = running.stats();
+    assert_eq!(
+        (stats.retried, stats.received, stats.dead_lettered),
+        (2, 3, 0)
+    );
+    assert_eq!(h.invoices().await, 1);
+    let row = h
+        .inbox
+        .find("billing", &o.message_id())
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!(row.status, "processed");
+    assert_eq!(row.attempts, 3, "two recorded failures, then the success");
+    running.stop().await.expect("stop");
+    for i in 0..2 {
+        let q = h.topology.retry_queue(i).expect("tier");
+        assert_eq!(h.queue_len(&q).await, 0, "{q} drained");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_go_to_dlq_with_the_last_error_and_attempt() {
+    let h = Harness::new(&tiers()).await;
+    let running = h.start(
+        h.consumer(always_down)
+            .retry_policy(RetryPolicy::new(3, tiers()))
+            .build(),
+    );
+    let o = order(&h.name, 1);
+    h.publish_order(&o).await;
+    let dead = h.expect_in_queue(&h.topology.dlq(), 1).await;
+    assert_eq!(dead[0].message_id(), Some(o.message_id()));
+    assert_eq!(
+        dead[0].header("x-oncely-error-code").as_deref(),
+        Some("retries_exhausted")
+    );
+    assert_eq!(dead[0].header("x-oncely-attempt").as_deref(), Some("3"));
+    let reason = dead[0].header("x-oncely-reason").unwrap_or_default();
+    assert!(reason.contains("gateway_down"), "{reason}");
+    let stats = running.stats();
+    assert_eq!(
+        (stats.retried, stats.dead_lettered, stats.processed),
+        (2, 1, 0)
+    );
+    let row = h
+        .inbox
+        .find("billing", &o.message_id())
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!((row.status.as_str(), row.attempts), ("failed", 3));
+    assert_eq!(h.invoices().await, 0);
+    running.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_error_goes_to_dlq_at_once() {
+    let h = Harness::new(&tiers()).await;
+    let running = h.start(
+        h.consumer(create_invoice)
+            .retry_policy(RetryPolicy::new(5, tiers()))
+            .build(),
+    );
+    let mut bad = order(&h.name, 1);
+    bad.currency = "rupiah".into();
+    h.publish_order(&bad).await;
+    let dead = h.expect_in_queue(&h.topology.dlq(), 1).await;
+    assert_eq!(
+        dead[0].header("x-oncely-error-code").as_deref(),
+        Some("invalid_currency")
+    );
+    assert_eq!(dead[0].header("x-oncely-attempt").as_deref(), Some("1"));
+    assert_eq!(running.stats().retried, 0);
+    running.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn park_error_goes_to_the_parking_lot() {
+    let h = Harness::new(&tiers()).await;
+    let running = h.start(h.consumer(needs_review).build());
+    h.publish_order(&order(&h.name, 1)).await;
+    let parked = h.expect_in_queue(&h.topology.parking(), 1).await;
+    assert_eq!(
+        parked[0].header("x-oncely-error-code").as_deref(),
+        Some("manual_review")
+    );
+    assert_eq!(h.queue_len(&h.topology.dlq()).await, 0);
+    assert_eq!(running.stats().parked, 1);
+    running.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declaring_the_same_topology_twice_is_a_no_op_and_a_conflict_names_queue_and_argument() {
+    let h = Harness::new(&tiers()).await;
+    h.topology
+        .declare(&h.connection)
+        .await
+        .expect("same topology again");
+    let conflicting = Topology::new(h.topology.exchange(), h.topology.queue())
+        .retry_tiers(&tiers())
+        .queue_type(oncely::QueueType::Quorum);
+    match conflicting.declare(&h.connection).await {
+        Err(oncely::AmqpError::TopologyConflict { name, detail }) => {
+            assert_eq!(name, h.topology.queue());
+            assert!(detail.contains("x-queue-type"), "{detail}");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // The harness connection is still usable after the refused declaration.
+    h.topology
+        .declare(&h.connection)
+        .await
+        .expect("still declarable");
+}
