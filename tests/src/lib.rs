@@ -171,10 +171,25 @@ impl Harness {
 
     /// Invoices in this test's schema.
     pub async fn invoices(&self) -> i64 {
-        let mut conn = self.pool.get().await.expect("connection");
-        billing::count_invoices(&mut conn, "")
-            .await
-            .expect("count invoices")
+        // A few tries: tests kill this pool's connections on purpose.
+        for _ in 0..5 {
+            if let Ok(mut conn) = self.pool.get().await
+                && let Ok(n) = billing::count_invoices(&mut conn, "").await
+            {
+                return n;
+            }
+        }
+        panic!("cannot count invoices");
+    }
+
+    /// Messages the inbox holds as processed for the billing consumer.
+    pub async fn processed(&self) -> i64 {
+        for _ in 0..5 {
+            if let Ok(n) = self.inbox.count_processed("billing").await {
+                return n;
+            }
+        }
+        panic!("cannot count processed messages");
     }
 
     /// Messages ready in `queue`.
@@ -245,6 +260,25 @@ impl Harness {
         let got = self.drain(queue).await;
         assert_eq!(got.len() as u32, count, "messages in {queue}");
         got
+    }
+
+    /// Terminates every PostgreSQL backend of this test's pool (as a database restart or a
+    /// failover would). Returns how many were terminated.
+    pub async fn terminate_database_connections(&self) -> i64 {
+        use diesel_async::{AsyncConnection, RunQueryDsl};
+        let mut admin =
+            diesel_async::AsyncPgConnection::establish(&oncely::testing::database_url())
+                .await
+                .expect("admin connection");
+        // The schema name is also the application name of the test's connections.
+        let sql = format!(
+            "(SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{}')",
+            self.schema.name()
+        );
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&sql))
+            .get_result::<i64>(&mut admin)
+            .await
+            .expect("terminate backends")
     }
 
     /// Closes, from the broker's side, every connection of this test's consumers (as

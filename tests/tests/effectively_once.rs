@@ -203,3 +203,60 @@ async fn graceful_shutdown_finishes_in_flight_deliveries_and_leaves_the_rest_que
         "nothing lost: the rest is back in the queue"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_killed_mid_stream_lose_and_double_nothing() {
+    let tiers = [Duration::from_millis(50)];
+    let h = Harness::new(&tiers).await;
+    let plan = PublishPlan {
+        prefix: h.name.clone(),
+        orders: 400,
+        duplicate_rate: 0.1,
+        poison: 0,
+        seed: 3,
+    };
+    billing::publish_orders(&h.publisher, h.topology.exchange(), &plan)
+        .await
+        .expect("publish");
+    let running = h.start(
+        h.consumer(create_invoice)
+            .concurrency(4)
+            .retry_policy(oncely::RetryPolicy::new(20, tiers.to_vec()))
+            .requeue_delay(Duration::from_millis(20))
+            .build(),
+    );
+    for round in 1..=3u64 {
+        running
+            .wait_for_stats("some progress", |s| s.settled() >= round * 100)
+            .await;
+        let killed = h.terminate_database_connections().await;
+        assert!(
+            killed >= 1,
+            "round {round}: the pool's backends were terminated"
+        );
+    }
+    oncely_e2e::wait_until("every order invoiced", Duration::from_secs(60), || async {
+        h.invoices().await == 400
+    })
+    .await;
+    oncely_e2e::wait_until("queues empty", Duration::from_secs(30), || async {
+        h.queue_len(h.topology.queue()).await == 0
+            && h.queue_len(&h.topology.retry_queue(0).unwrap_or_default())
+                .await
+                == 0
+    })
+    .await;
+    let stats = running.stats();
+    assert_eq!(h.invoices().await, 400, "exactly once: {stats:?}");
+    assert_eq!(h.processed().await, 400);
+    eprintln!("after the database kills: {stats:?}");
+    assert!(
+        stats.requeued + stats.retried >= 1,
+        "the kills hit deliveries in flight: {stats:?}"
+    );
+    assert_eq!(
+        stats.dead_lettered, 0,
+        "a database outage is not the message's fault: {stats:?}"
+    );
+    running.stop().await.expect("clean stop");
+}

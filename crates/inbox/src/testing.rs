@@ -48,7 +48,10 @@ impl TestSchema {
             .execute(&mut conn)
             .await?;
         let separator = if base_url.contains('?') { '&' } else { '?' };
-        let url = format!("{base_url}{separator}options=-c%20search_path%3D{name}");
+        // The application name lets a test find (and terminate) its own backends.
+        let url = format!(
+            "{base_url}{separator}options=-c%20search_path%3D{name}&application_name={name}"
+        );
         Ok(TestSchema {
             name,
             url,

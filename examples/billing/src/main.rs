@@ -42,6 +42,12 @@ enum Command {
         /// Deliveries processed at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Exchange to bind to.
+        #[arg(long, default_value = billing::ORDER_EVENTS_EXCHANGE)]
+        exchange: String,
+        /// Queue to consume.
+        #[arg(long, default_value = billing::QUEUE)]
+        queue: String,
     },
     /// Publish orders (with duplicates and poison messages) to order.events.
     Publish {
@@ -89,8 +95,13 @@ async fn main() -> anyhow::Result<()> {
     let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
     match cli.command {
         Command::Migrate => println!("migrations applied"),
-        Command::Run { concurrency } => {
-            let consumer = consumer(&cli.amqp_url, pool, concurrency);
+        Command::Run {
+            concurrency,
+            exchange,
+            queue,
+        } => {
+            let topology = oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
+            let consumer = consumer(&cli.amqp_url, pool, concurrency, topology);
             consumer.run(oncely::shutdown_signal()).await?;
             print_stats(&consumer.stats());
         }
@@ -115,10 +126,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn consumer(amqp_url: &str, pool: oncely::Pool, concurrency: usize) -> Consumer {
+fn consumer(
+    amqp_url: &str,
+    pool: oncely::Pool,
+    concurrency: usize,
+    topology: oncely::Topology,
+) -> Consumer {
     Consumer::builder(create_invoice, Inbox::new(pool))
         .amqp_url(amqp_url)
-        .topology(billing::topology())
+        .topology(topology)
         .concurrency(concurrency)
         .build()
 }
@@ -166,7 +182,12 @@ async fn demo(
         summary.duplicates,
         summary.poison
     );
-    let consumer = Arc::new(consumer(amqp_url, pool.clone(), concurrency));
+    let consumer = Arc::new(consumer(
+        amqp_url,
+        pool.clone(),
+        concurrency,
+        billing::topology(),
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = {
         let consumer = consumer.clone();
