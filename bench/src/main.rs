@@ -107,25 +107,13 @@ async fn main() -> anyhow::Result<()> {
     let naive = drain_naive(&connection, &queues[1], args.count, &args, schema.url()).await?;
     report("(b) naive transaction + ack", args.count, naive);
 
-    let consumer = Arc::new(
-        Consumer::builder(billing::create_invoice, Inbox::new(pool.clone()))
-            .amqp_url(&args.amqp_url)
-            .topology(oncely_topology.clone())
-            .concurrency(args.concurrency)
-            .prefetch(args.prefetch)
-            .build(),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let consumer = consumer.clone();
-        tokio::spawn(async move {
-            consumer
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let consumer = Consumer::builder(billing::create_invoice, Inbox::new(pool.clone()))
+        .amqp_url(&args.amqp_url)
+        .topology(oncely_topology.clone())
+        .concurrency(args.concurrency)
+        .prefetch(args.prefetch)
+        .build()
+        .spawn();
     let t = Instant::now();
     while (consumer.stats().settled() as usize) < args.count {
         anyhow::ensure!(
@@ -135,8 +123,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let oncely_elapsed = t.elapsed();
-    let _ = stop.send(());
-    running.await??;
+    consumer.shutdown().await?;
     report("(c) oncely, billing handler", args.count, oncely_elapsed);
 
     let mut conn = pool.get().await?;

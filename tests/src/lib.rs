@@ -2,7 +2,7 @@
 //! Test kit for the end-to-end tests: every test gets its own PostgreSQL schema, exchange and
 //! queues (unique names), talks to the real services, and cleans up after itself.
 
-use billing::{ORDER_CREATED_V1, OrderCreated};
+use billing::{ORDER_CREATED_V1, OrderCreated, PublishPlan, PublishSummary};
 use futures_lite::future;
 use oncely::lapin::options::{
     BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
@@ -12,14 +12,12 @@ use oncely::lapin::types::{AMQPValue, FieldTable};
 use oncely::lapin::{BasicProperties, Connection};
 use oncely::testing::{TestSchema, unique_name};
 use oncely::{
-    AmqpError, ConfirmPublisher, Consumer, ConsumerBuilder, Handler, Inbox, OutgoingMessage, Pool,
-    PoolOptions, StatsSnapshot, Topology,
+    AmqpError, ConfirmPublisher, Consumer, ConsumerBuilder, ConsumerHandle, Handler, Inbox,
+    OutgoingMessage, Pool, PoolOptions, StatsSnapshot, Topology,
 };
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -130,23 +128,28 @@ impl Harness {
 
     /// Runs `consumer` in the background.
     pub fn start(&self, consumer: Consumer) -> Running {
-        let consumer = Arc::new(consumer);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = {
-            let consumer = consumer.clone();
-            tokio::spawn(async move {
-                consumer
-                    .run(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-            })
-        };
         Running {
-            consumer,
-            stop: Some(stop),
-            handle,
+            handle: consumer.spawn(),
         }
+    }
+
+    /// Publishes `orders` orders of this test, plus `duplicate_rate` of repeats, with confirms.
+    pub async fn publish_orders(
+        &self,
+        orders: usize,
+        duplicate_rate: f64,
+        seed: u64,
+    ) -> PublishSummary {
+        let plan = PublishPlan {
+            prefix: self.name.clone(),
+            orders,
+            duplicate_rate,
+            poison: 0,
+            seed,
+        };
+        billing::publish_orders(&self.publisher, self.topology.exchange(), &plan)
+            .await
+            .expect("publish orders")
     }
 
     /// Publishes an order with its stable message id.
@@ -334,45 +337,34 @@ impl Drop for Harness {
         let url = amqp_url();
         let mut queues = vec![t.queue().to_owned(), t.dlq(), t.parking()];
         queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
-        let cleaner = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+        oncely::testing::block_on_thread(async move {
+            let Ok(conn) = Connection::connect(&url, Default::default()).await else {
                 return;
             };
-            rt.block_on(async move {
-                let Ok(conn) = Connection::connect(&url, Default::default()).await else {
-                    return;
-                };
-                if let Ok(channel) = conn.create_channel().await {
-                    for q in queues {
-                        let _ = channel
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
+            if let Ok(channel) = conn.create_channel().await {
+                for q in queues {
                     let _ = channel
-                        .exchange_delete(t.exchange().into(), ExchangeDeleteOptions::default())
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                         .await;
                 }
-                let _ = conn.close(200, "cleanup".into()).await;
-            });
+                let _ = channel
+                    .exchange_delete(t.exchange().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+            let _ = conn.close(200, "cleanup".into()).await;
         });
-        let _ = cleaner.join();
     }
 }
 
-/// A consumer running in the background.
+/// A consumer running in the background, with polling helpers.
 pub struct Running {
-    consumer: Arc<Consumer>,
-    stop: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<Result<(), AmqpError>>,
+    handle: ConsumerHandle,
 }
 
 impl Running {
     /// Its counters now.
     pub fn stats(&self) -> StatsSnapshot {
-        self.consumer.stats()
+        self.handle.stats()
     }
 
     /// Waits until the counters satisfy `condition`.
@@ -385,24 +377,8 @@ impl Running {
     }
 
     /// Signals shutdown and waits for `run` to return.
-    pub async fn stop(mut self) -> Result<(), AmqpError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        (&mut self.handle).await.expect("consumer task")
-    }
-
-    /// True when `run` already returned.
-    pub fn finished(&self) -> bool {
-        self.handle.is_finished()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+    pub async fn stop(self) -> Result<(), AmqpError> {
+        self.handle.shutdown().await
     }
 }
 

@@ -1,7 +1,7 @@
 //! The guarantee itself, against the real RabbitMQ and PostgreSQL: whatever is redelivered or
 //! published twice, and whatever crashes between commit and ack, each order gets ONE invoice.
 
-use billing::{PublishPlan, create_invoice, order};
+use billing::{create_invoice, order};
 use oncely::FaultInjection;
 use oncely_e2e::Harness;
 use std::collections::HashSet;
@@ -80,16 +80,7 @@ async fn crash_after_commit_before_ack_is_redelivered_and_acked_as_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_orders_with_20_percent_duplicates_at_concurrency_8_make_exactly_1000_invoices() {
     let h = Harness::new(&[]).await;
-    let plan = PublishPlan {
-        prefix: h.name.clone(),
-        orders: 1000,
-        duplicate_rate: 0.2,
-        poison: 0,
-        seed: 42,
-    };
-    let summary = billing::publish_orders(&h.publisher, h.topology.exchange(), &plan)
-        .await
-        .expect("publish");
+    let summary = h.publish_orders(1000, 0.2, 42).await;
     assert_eq!((summary.orders, summary.duplicates), (1000, 200));
     let running = h.start(
         h.consumer(create_invoice)
@@ -117,16 +108,7 @@ async fn thousand_orders_with_20_percent_duplicates_at_concurrency_8_make_exactl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closing_every_consumer_connection_mid_stream_loses_and_doubles_nothing() {
     let h = Harness::new(&[]).await;
-    let plan = PublishPlan {
-        prefix: h.name.clone(),
-        orders: 600,
-        duplicate_rate: 0.1,
-        poison: 0,
-        seed: 1,
-    };
-    let summary = billing::publish_orders(&h.publisher, h.topology.exchange(), &plan)
-        .await
-        .expect("publish");
+    let summary = h.publish_orders(600, 0.1, 1).await;
     // Slow enough that the connection is closed while deliveries are in flight.
     let running = h.start(
         h.consumer(create_invoice)
@@ -208,16 +190,7 @@ async fn graceful_shutdown_finishes_in_flight_deliveries_and_leaves_the_rest_que
 async fn postgres_connections_killed_mid_stream_lose_and_double_nothing() {
     let tiers = [Duration::from_millis(50)];
     let h = Harness::new(&tiers).await;
-    let plan = PublishPlan {
-        prefix: h.name.clone(),
-        orders: 400,
-        duplicate_rate: 0.1,
-        poison: 0,
-        seed: 3,
-    };
-    billing::publish_orders(&h.publisher, h.topology.exchange(), &plan)
-        .await
-        .expect("publish");
+    h.publish_orders(400, 0.1, 3).await;
     let running = h.start(
         h.consumer(create_invoice)
             .concurrency(4)

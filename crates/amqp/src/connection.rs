@@ -2,6 +2,7 @@
 
 use crate::error::{AmqpError, Result};
 use lapin::{Connection, ConnectionProperties};
+use oncely_core::redact_url;
 use std::time::Duration;
 
 /// Exponential backoff between connection attempts.
@@ -46,25 +47,16 @@ pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connecti
             Err(source) => {
                 if backoff.max_attempts.is_some_and(|max| attempt >= max) {
                     return Err(AmqpError::Connect {
-                        url: redact(url),
+                        url: redact_url(url),
                         attempts: attempt,
                         source,
                     });
                 }
                 let delay = backoff.delay(attempt - 1);
-                tracing::warn!(url = %redact(url), attempt, ?delay, error = %source, "RabbitMQ connection failed, retrying");
+                tracing::warn!(url = %redact_url(url), attempt, ?delay, error = %source, "RabbitMQ connection failed, retrying");
                 tokio::time::sleep(delay).await;
             }
         }
-    }
-}
-
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -80,13 +72,5 @@ mod tests {
         assert_eq!(b.delay(3), Duration::from_millis(800));
         assert_eq!(b.delay(10), Duration::from_secs(5));
         assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
-    }
-
-    #[test]
-    fn credentials_are_hidden() {
-        assert_eq!(
-            redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://***@127.0.0.1:5672/%2f"
-        );
     }
 }

@@ -31,3 +31,18 @@ pub use contract::{
 pub use decision::{Classifier, Decision, DefaultClassifier, Reason};
 pub use error::{ErrorKind, HandlerError};
 pub use retry::{RetryPolicy, RetryPolicyError, tier_label};
+
+/// `scheme://user:password@host/...` with the credentials replaced by `***`, for logs and errors.
+///
+/// ```
+/// assert_eq!(oncely_core::redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://***@127.0.0.1:5672/%2f");
+/// assert_eq!(oncely_core::redact_url("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}

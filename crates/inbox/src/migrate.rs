@@ -39,7 +39,7 @@ pub async fn run_migrations(
         let mut conn =
             AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url).map_err(|source| {
                 MigrationError::Connect {
-                    url: redact(&url),
+                    url: oncely_core::redact_url(&url),
                     source,
                 }
             })?;
@@ -49,25 +49,4 @@ pub async fn run_migrations(
     })
     .await
     .map_err(|e| MigrationError::Task(e.to_string()))?
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_credentials() {
-        assert_eq!(
-            super::redact("postgres://u:secret@h/db"),
-            "postgres://***@h/db"
-        );
-        assert_eq!(super::redact("postgres://h/db"), "postgres://h/db");
-    }
 }

@@ -74,20 +74,27 @@ impl Drop for TestSchema {
     fn drop(&mut self) {
         let base_url = self.base_url.clone();
         let statement = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
-        // Drop runs outside any runtime guarantee: use a thread with a runtime of its own.
-        let dropper = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(mut conn) = AsyncPgConnection::establish(&base_url).await {
-                    let _ = diesel::sql_query(statement).execute(&mut conn).await;
-                }
-            });
+        block_on_thread(async move {
+            if let Ok(mut conn) = AsyncPgConnection::establish(&base_url).await {
+                let _ = diesel::sql_query(statement).execute(&mut conn).await;
+            }
         });
-        let _ = dropper.join();
     }
+}
+
+/// Runs `cleanup` to completion on a new thread with a runtime of its own: `Drop` cannot await,
+/// and may run inside or outside a tokio runtime.
+pub fn block_on_thread<F>(cleanup: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let worker = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(cleanup);
+        }
+    });
+    let _ = worker.join();
 }

@@ -70,6 +70,29 @@ impl Consumer {
         self.runtime.run(shutdown).await
     }
 
+    /// Runs the consumer on the tokio runtime until [`ConsumerHandle::shutdown`] (or the
+    /// handle is dropped).
+    pub fn spawn(self) -> ConsumerHandle {
+        let consumer = Arc::new(self);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = {
+            let consumer = consumer.clone();
+            tokio::spawn(async move {
+                consumer
+                    .run(async {
+                        // A dropped handle stops the consumer too.
+                        let _ = stopped.await;
+                    })
+                    .await
+            })
+        };
+        ConsumerHandle {
+            consumer,
+            stop: Some(stop),
+            task,
+        }
+    }
+
     /// Live counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.runtime.stats().snapshot()
@@ -83,6 +106,45 @@ impl Consumer {
     /// The topology consumed.
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+}
+
+/// A consumer running in the background; see [`Consumer::spawn`].
+pub struct ConsumerHandle {
+    consumer: Arc<Consumer>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), oncely_amqp::AmqpError>>,
+}
+
+impl std::fmt::Debug for ConsumerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerHandle")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerHandle {
+    /// Live counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.consumer.stats()
+    }
+
+    /// True once the consumer stopped (after a shutdown, or on a topology conflict).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops the consumer gracefully (in-flight deliveries finish and are acked) and returns
+    /// what `run` returned.
+    pub async fn shutdown(mut self) -> Result<(), oncely_amqp::AmqpError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
     }
 }
 

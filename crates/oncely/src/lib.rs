@@ -6,7 +6,7 @@ mod shutdown;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use consumer::{Consumer, ConsumerBuilder};
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
 pub use handler::{BoxFuture, Handler};
 pub use shutdown::shutdown_signal;
 

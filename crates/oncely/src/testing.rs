@@ -10,7 +10,7 @@ use oncely_core::{Classifier, DefaultClassifier, Envelope, RetryPolicy};
 use oncely_inbox::Inbox;
 use std::sync::Arc;
 
-pub use oncely_inbox::testing::{TestSchema, database_url, unique_name};
+pub use oncely_inbox::testing::{TestSchema, block_on_thread, database_url, unique_name};
 
 /// Runs a handler the way the consumer does, minus the broker.
 pub struct TestWorker<H> {

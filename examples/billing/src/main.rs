@@ -182,23 +182,7 @@ async fn demo(
         summary.duplicates,
         summary.poison
     );
-    let consumer = Arc::new(consumer(
-        amqp_url,
-        pool.clone(),
-        concurrency,
-        billing::topology(),
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let consumer = consumer.clone();
-        tokio::spawn(async move {
-            consumer
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let consumer = consumer(amqp_url, pool.clone(), concurrency, billing::topology()).spawn();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(timeout_secs);
     let mut conn = pool.get().await?;
@@ -218,11 +202,10 @@ async fn demo(
     }
     let elapsed = started.elapsed();
     drop(conn);
-    let _ = stop.send(());
-    running.await??;
+    let stats = consumer.stats();
+    consumer.shutdown().await?;
     let mut conn = pool.get().await?;
     let invoices = billing::count_invoices(&mut conn, &format!("{prefix}-")).await?;
-    let stats = consumer.stats();
     println!(
         "consumed in {:.2}s at concurrency {concurrency}",
         elapsed.as_secs_f64()
