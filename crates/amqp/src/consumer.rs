@@ -334,7 +334,7 @@ async fn handle_delivery(
     shared: Arc<Shared>,
     session: Arc<Session>,
     delivery: Delivery,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let raw = raw_metadata(
         &delivery.properties,
@@ -392,7 +392,7 @@ async fn handle_delivery(
                 .await;
             return;
         }
-        settle(&shared, &session, &delivery, processed, attempt).await;
+        settle(&shared, &session, &delivery, processed, attempt, permit).await;
     }
     .instrument(span)
     .await
@@ -404,6 +404,7 @@ async fn settle(
     delivery: &Delivery,
     processed: Processed,
     attempt: u32,
+    permit: OwnedSemaphorePermit,
 ) {
     let span = tracing::Span::current();
     let stats = &shared.stats;
@@ -413,8 +414,7 @@ async fn settle(
         Processed::Requeue { reason } => {
             span.record("decision", "requeue");
             tracing::warn!(%reason, "infrastructure failure, giving the message back");
-            tokio::time::sleep(shared.options.requeue_delay).await;
-            requeue(stats, delivery).await;
+            requeue_later(shared, delivery, permit).await;
             return;
         }
     };
@@ -493,7 +493,7 @@ async fn settle(
             .await;
         if let Err(e) = published {
             tracing::error!(error = %e, to = %queue, "could not publish the copy; giving the message back");
-            requeue(stats, delivery).await;
+            requeue_later(shared, delivery, permit).await;
             return;
         }
         ConsumerStats::bump(counter);
@@ -507,6 +507,14 @@ async fn settle(
             );
         }
     }
+}
+
+/// Gives the message back after `requeue_delay`. The concurrency slot is freed first: a message
+/// waiting to go back must not keep the others from being processed.
+async fn requeue_later(shared: &Shared, delivery: &Delivery, permit: OwnedSemaphorePermit) {
+    drop(permit);
+    tokio::time::sleep(shared.options.requeue_delay).await;
+    requeue(&shared.stats, delivery).await;
 }
 
 async fn requeue(stats: &ConsumerStats, delivery: &Delivery) {

@@ -72,6 +72,19 @@ pub enum AmqpError {
     /// The connection or channel failed.
     #[error("AMQP connection or channel failed: {0}")]
     Connection(#[from] lapin::Error),
+    /// A message of a batch was not published because the channel could not be had.
+    #[error("not published: {0}")]
+    Publish(String),
+    /// A delayed publish asked for more than the delay queue allows.
+    #[error("delay {delay:?} is longer than the {max_delay:?} that delay queue {queue:?} allows")]
+    DelayTooLong {
+        /// The delay asked for.
+        delay: Duration,
+        /// The longest delay allowed.
+        max_delay: Duration,
+        /// The delay queue.
+        queue: String,
+    },
     /// A name is longer than AMQP allows (255 bytes).
     #[error("{what} {value:?} is longer than the 255 bytes AMQP allows")]
     NameTooLong {
@@ -87,7 +100,10 @@ impl AmqpError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            AmqpError::Connect { .. } | AmqpError::ConfirmTimeout { .. } | AmqpError::Connection(_)
+            AmqpError::Connect { .. }
+                | AmqpError::ConfirmTimeout { .. }
+                | AmqpError::Connection(_)
+                | AmqpError::Publish(_)
         )
     }
 }

@@ -16,6 +16,7 @@
 mod connection;
 mod consumer;
 mod error;
+mod producer;
 mod properties;
 mod publisher;
 mod stats;
@@ -26,8 +27,9 @@ pub use consumer::{
     ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,
 };
 pub use error::{AmqpError, Result};
+pub use producer::{DelayQueue, Publisher};
 pub use properties::{raw_metadata, read_attempt};
-pub use publisher::{ConfirmPublisher, OutgoingMessage};
+pub use publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub use topology::{QueueType, Topology};
 

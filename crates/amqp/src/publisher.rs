@@ -20,6 +20,28 @@ pub struct OutgoingMessage<'a> {
     pub properties: BasicProperties,
 }
 
+/// How a publisher publishes; the defaults are what users of confirmed brokers expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublisherOptions {
+    /// Put the channel in confirm mode and wait for each confirm. Default true.
+    pub confirm_delivery: bool,
+    /// Longest wait for a confirm (and for the publish itself, which a blocked connection holds
+    /// back). Default 5 s.
+    pub confirm_timeout: Duration,
+    /// Ask the broker to return messages no queue takes. Default true.
+    pub mandatory: bool,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> Self {
+        PublisherOptions {
+            confirm_delivery: true,
+            confirm_timeout: Duration::from_secs(5),
+            mandatory: true,
+        }
+    }
+}
+
 /// Publishes with publisher confirms on a channel of its own, and waits for the broker's
 /// answer: [`AmqpError::Nacked`], [`AmqpError::Unroutable`] (mandatory publishes that came back)
 /// and [`AmqpError::ConfirmTimeout`] are told apart. After any failure the channel is replaced
@@ -28,15 +50,13 @@ pub struct OutgoingMessage<'a> {
 pub struct ConfirmPublisher {
     connection: Arc<Connection>,
     channel: Arc<Mutex<Option<Channel>>>,
-    confirm_timeout: Duration,
-    mandatory: bool,
+    options: PublisherOptions,
 }
 
 impl std::fmt::Debug for ConfirmPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConfirmPublisher")
-            .field("confirm_timeout", &self.confirm_timeout)
-            .field("mandatory", &self.mandatory)
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
@@ -45,80 +65,256 @@ impl ConfirmPublisher {
     /// A publisher on `connection`; every publish is mandatory and waits at most
     /// `confirm_timeout` for its confirm.
     pub fn new(connection: Arc<Connection>, confirm_timeout: Duration) -> Self {
+        Self::with_options(
+            connection,
+            PublisherOptions {
+                confirm_timeout,
+                ..PublisherOptions::default()
+            },
+        )
+    }
+
+    /// A publisher on `connection` with `options`.
+    pub fn with_options(connection: Arc<Connection>, options: PublisherOptions) -> Self {
         ConfirmPublisher {
             connection,
             channel: Arc::new(Mutex::new(None)),
-            confirm_timeout,
-            mandatory: true,
+            options,
+        }
+    }
+
+    /// The connection it publishes on.
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+
+    /// True while the underlying connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Publishes `messages` with at most `max_outstanding` confirms awaited at once, and returns
+    /// one result per message, in order: which ones failed and why. Each confirm has its own
+    /// deadline of `confirm_timeout` from its publish.
+    ///
+    /// Returned (unroutable) messages are matched to the batch by their content (exchange,
+    /// routing key, message id, body), not by the confirm that happens to carry them: the broker
+    /// acknowledges several publishes at once and lapin hands a returned message to the first
+    /// confirm it resolves.
+    pub async fn publish_batch(
+        &self,
+        messages: &[OutgoingMessage<'_>],
+        max_outstanding: usize,
+    ) -> Vec<Result<()>> {
+        let mut slot = self.channel.lock().await;
+        let channel = match self.open_channel(&mut slot).await {
+            Ok(channel) => channel,
+            Err(e) => {
+                let text = e.to_string();
+                return messages
+                    .iter()
+                    .map(|_| Err(AmqpError::Publish(text.clone())))
+                    .collect();
+            }
+        };
+        let mut results: Vec<Result<()>> = messages.iter().map(|_| Ok(())).collect();
+        let mut returned = Vec::new();
+        let mut pending = std::collections::VecDeque::new();
+        let mut broken = false;
+        for (index, message) in messages.iter().enumerate() {
+            if pending.len() >= max_outstanding.max(1)
+                && let Some((i, deadline, confirm)) = pending.pop_front()
+            {
+                broken |= self
+                    .settle_batch_confirm(
+                        &messages[i],
+                        deadline,
+                        confirm,
+                        &mut results[i],
+                        &mut returned,
+                    )
+                    .await;
+            }
+            let deadline = tokio::time::Instant::now() + self.options.confirm_timeout;
+            match self.send(&channel, message, deadline).await {
+                Ok(confirm) => pending.push_back((index, deadline, confirm)),
+                Err(e) => {
+                    broken = true;
+                    results[index] = Err(e);
+                }
+            }
+        }
+        for (i, deadline, confirm) in pending {
+            broken |= self
+                .settle_batch_confirm(
+                    &messages[i],
+                    deadline,
+                    confirm,
+                    &mut results[i],
+                    &mut returned,
+                )
+                .await;
+        }
+        for back in returned {
+            let owner = messages.iter().enumerate().position(|(i, m)| {
+                results[i].is_ok()
+                    && m.exchange == back.delivery.exchange.as_str()
+                    && m.routing_key == back.delivery.routing_key.as_str()
+                    && m.properties.message_id() == back.delivery.properties.message_id()
+                    && m.body == back.delivery.data.as_slice()
+            });
+            if let Some(i) = owner {
+                results[i] = Err(unroutable(&messages[i], &back));
+            }
+        }
+        if broken {
+            *slot = None;
+        }
+        results
+    }
+
+    /// Waits for one confirm of a batch; a returned message it carries is set aside for matching.
+    /// True when the channel can no longer be trusted.
+    async fn settle_batch_confirm(
+        &self,
+        message: &OutgoingMessage<'_>,
+        deadline: tokio::time::Instant,
+        confirm: lapin::PublisherConfirm,
+        result: &mut Result<()>,
+        returned: &mut Vec<lapin::message::BasicReturnMessage>,
+    ) -> bool {
+        match tokio::time::timeout_at(deadline, confirm).await {
+            Ok(Ok(Confirmation::Ack(back))) => {
+                returned.extend(back);
+                false
+            }
+            Ok(Ok(Confirmation::Nack(back))) => {
+                returned.extend(back);
+                *result = Err(AmqpError::Nacked {
+                    exchange: message.exchange.to_owned(),
+                    routing_key: message.routing_key.to_owned(),
+                });
+                false
+            }
+            Ok(Ok(Confirmation::NotRequested)) => false,
+            Ok(Err(e)) => {
+                *result = Err(AmqpError::Connection(e));
+                true
+            }
+            Err(_) => {
+                *result = Err(self.timeout_error(message));
+                true
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        channel: &Channel,
+        message: &OutgoingMessage<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<lapin::PublisherConfirm> {
+        let exchange = short("exchange", message.exchange)?;
+        let routing_key = short("routing key", message.routing_key)?;
+        let options = BasicPublishOptions {
+            mandatory: self.options.mandatory,
+            ..BasicPublishOptions::default()
+        };
+        let properties = message.properties.clone().with_delivery_mode(2);
+        match tokio::time::timeout_at(
+            deadline,
+            channel.basic_publish(exchange, routing_key, options, message.body, properties),
+        )
+        .await
+        {
+            Ok(Ok(confirm)) => Ok(confirm),
+            Ok(Err(e)) => Err(AmqpError::Connection(e)),
+            Err(_) => Err(self.timeout_error(message)),
+        }
+    }
+
+    fn timeout_error(&self, message: &OutgoingMessage<'_>) -> AmqpError {
+        AmqpError::ConfirmTimeout {
+            exchange: message.exchange.to_owned(),
+            routing_key: message.routing_key.to_owned(),
+            timeout: self.options.confirm_timeout,
         }
     }
 
     /// Publishes `message` and waits for the confirm.
+    ///
+    /// The channel is held for the whole exchange, so that a returned message can only be this
+    /// one: concurrent callers take turns (each a round trip).
     pub async fn publish(&self, message: OutgoingMessage<'_>) -> Result<()> {
-        let channel = self.channel().await?;
-        let exchange = short("exchange", message.exchange)?;
-        let routing_key = short("routing key", message.routing_key)?;
-        let options = BasicPublishOptions {
-            mandatory: self.mandatory,
-            ..BasicPublishOptions::default()
-        };
-        let properties = message.properties.with_delivery_mode(2);
+        let mut slot = self.channel.lock().await;
+        let channel = self.open_channel(&mut slot).await?;
         // Bound the whole exchange with the broker: a blocked connection holds the publish
         // itself, not only the confirm.
-        let outcome = tokio::time::timeout(self.confirm_timeout, async {
-            channel
-                .basic_publish(exchange, routing_key, options, message.body, properties)
-                .await?
-                .await
-        })
-        .await;
-        let failure = match outcome {
-            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => return Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned))))
-            | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
-                return Err(AmqpError::Unroutable {
-                    exchange: message.exchange.to_owned(),
-                    routing_key: message.routing_key.to_owned(),
-                    reply_text: format!("{} {}", returned.reply_code, returned.reply_text),
-                });
-            }
-            Ok(Ok(Confirmation::Nack(None))) => {
-                return Err(AmqpError::Nacked {
-                    exchange: message.exchange.to_owned(),
-                    routing_key: message.routing_key.to_owned(),
-                });
-            }
-            Ok(Err(e)) => AmqpError::Connection(e),
-            Err(_) => AmqpError::ConfirmTimeout {
-                exchange: message.exchange.to_owned(),
-                routing_key: message.routing_key.to_owned(),
-                timeout: self.confirm_timeout,
+        let deadline = tokio::time::Instant::now() + self.options.confirm_timeout;
+        let result = match self.send(&channel, &message, deadline).await {
+            Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(confirmation)) => confirmation_result(&message, confirmation),
+                Ok(Err(e)) => Err(AmqpError::Connection(e)),
+                Err(_) => Err(self.timeout_error(&message)),
             },
+            Err(e) => Err(e),
         };
-        // The channel's state is unknown now: use a fresh one next time.
-        *self.channel.lock().await = None;
-        Err(failure)
+        if matches!(
+            result,
+            Err(AmqpError::Connection(_) | AmqpError::ConfirmTimeout { .. })
+        ) {
+            // The channel's state is unknown now (a late return could be paired with the next
+            // publish): use a fresh one next time.
+            *slot = None;
+        }
+        result
     }
 
-    async fn channel(&self) -> Result<Channel> {
-        let mut slot = self.channel.lock().await;
+    async fn open_channel(&self, slot: &mut Option<Channel>) -> Result<Channel> {
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(channel.clone());
         }
-        let channel = tokio::time::timeout(self.confirm_timeout, async {
+        let confirm = self.options.confirm_delivery;
+        let channel = tokio::time::timeout(self.options.confirm_timeout, async {
             let channel = self.connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
+            if confirm {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+            }
             Ok::<_, lapin::Error>(channel)
         })
         .await
         .map_err(|_| AmqpError::ConfirmTimeout {
             exchange: String::new(),
             routing_key: String::new(),
-            timeout: self.confirm_timeout,
+            timeout: self.options.confirm_timeout,
         })??;
         *slot = Some(channel.clone());
         Ok(channel)
+    }
+}
+
+fn unroutable(
+    message: &OutgoingMessage<'_>,
+    back: &lapin::message::BasicReturnMessage,
+) -> AmqpError {
+    AmqpError::Unroutable {
+        exchange: message.exchange.to_owned(),
+        routing_key: message.routing_key.to_owned(),
+        reply_text: format!("{} {}", back.reply_code, back.reply_text),
+    }
+}
+
+fn confirmation_result(message: &OutgoingMessage<'_>, confirmation: Confirmation) -> Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(unroutable(message, &returned))
+        }
+        Confirmation::Nack(None) => Err(AmqpError::Nacked {
+            exchange: message.exchange.to_owned(),
+            routing_key: message.routing_key.to_owned(),
+        }),
     }
 }

@@ -191,7 +191,7 @@ impl Topology {
     }
 }
 
-fn declare_error(name: &str, error: lapin::Error) -> AmqpError {
+pub(crate) fn declare_error(name: &str, error: lapin::Error) -> AmqpError {
     let text = error.to_string();
     if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent arg") {
         AmqpError::TopologyConflict {

@@ -12,8 +12,9 @@ pub use shutdown::shutdown_signal;
 
 pub use diesel_async::AsyncPgConnection;
 pub use oncely_amqp::{
-    AmqpError, Backoff, ConfirmPublisher, ConsumerStats, FaultInjection, OutgoingMessage,
-    Processed, QueueType, StatsSnapshot, Topology, connect,
+    AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, FaultInjection,
+    OutgoingMessage, Processed, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology,
+    connect,
 };
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
