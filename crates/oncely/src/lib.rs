@@ -26,6 +26,9 @@ pub use oncely_inbox::{
 };
 pub use oncely_macros::handler;
 
+/// The transactional outbox: [`outbox::enqueue`] in your transaction, [`outbox::Relay`] to publish.
+pub use oncely_outbox as outbox;
+
 /// The lapin version oncely is built on.
 pub use oncely_amqp::lapin;
 

@@ -1,0 +1,41 @@
+//! The transactional outbox of oncely.
+//!
+//! Write the event in the same transaction as the business change with [`enqueue`]; a [`Relay`]
+//! publishes it to RabbitMQ with publisher confirms and marks it published only after the broker
+//! confirmed it. An event is never lost between commit and publish; an ambiguous publish (the
+//! relay dies after the confirm, before the mark) is published again, and consumers deduplicate it
+//! by its message id, which is the row's `id`.
+//!
+//! ```no_run
+//! # use oncely_outbox::{NewOutboxMessage, enqueue};
+//! # use diesel_async::{AsyncConnection, AsyncPgConnection};
+//! # async fn demo(conn: &mut AsyncPgConnection) -> Result<(), Box<dyn std::error::Error>> {
+//! let event = NewOutboxMessage::new(
+//!     "order.created.v1:ord-1", "order", "ord-1", "order.created.v1",
+//!     "order.events", "order.created.v1",
+//!     &serde_json::json!({"order_id": "ord-1"}),
+//! )?;
+//! conn.transaction::<_, diesel::result::Error, _>(async |conn| {
+//!     // ... insert the order row ...
+//!     enqueue(conn, &event).await
+//! })
+//! .await?;
+//! # Ok(()) }
+//! ```
+
+mod message;
+mod relay;
+mod schema;
+
+pub use message::{NewOutboxMessage, enqueue};
+pub use relay::{
+    CycleOutcome, Relay, RelayError, RelayFault, RelayOptions, RelayStats, RelayStatsSnapshot,
+};
+
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+
+/// The `outbox_message` table, its indexes and its NOTIFY trigger.
+pub const OUTBOX_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/outbox");
+
+/// The channel the trigger notifies and relays listen on.
+pub const NOTIFY_CHANNEL: &str = "oncely_outbox";

@@ -1,0 +1,450 @@
+//! The relay: claim due events, publish them with confirms, mark them published.
+
+use crate::NOTIFY_CHANNEL;
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Double, Int4, Jsonb, Text, Timestamptz};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::StreamExt;
+use oncely_amqp::lapin::BasicProperties;
+use oncely_amqp::lapin::types::{AMQPValue, FieldTable, LongString};
+use oncely_amqp::{Backoff, OutgoingMessage, Publisher};
+use oncely_inbox::Pool;
+use serde_json::Value;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Rows claimed per cycle. Default 200.
+    pub batch_size: i64,
+    /// Confirms awaited at once. Default 200.
+    pub max_outstanding: usize,
+    /// Longest wait between cycles when no notification arrives. Default 1 s.
+    pub poll_interval: Duration,
+    /// Backoff of a row whose publish failed, by its attempt count. Default 1 s doubling to 60 s.
+    pub retry_backoff: Backoff,
+    /// Published rows older than this are deleted; `None` keeps them. Default 7 days.
+    pub retention: Option<Duration>,
+    /// How often the clean-up runs. Default 60 s.
+    pub cleanup_interval: Duration,
+    /// `app_id` of published messages.
+    pub app_id: Option<String>,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        RelayOptions {
+            batch_size: 200,
+            max_outstanding: 200,
+            poll_interval: Duration::from_secs(1),
+            retry_backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                max_attempts: None,
+            },
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            cleanup_interval: Duration::from_secs(60),
+            app_id: None,
+        }
+    }
+}
+
+/// A test hook: publish, then die before marking (as a relay killed between confirm and commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayFault {
+    /// Roll the claim back after the confirms arrived, without marking anything published.
+    CrashAfterConfirm,
+}
+
+/// What went wrong in a relay cycle. Publish failures are not errors: they are recorded on the
+/// rows and retried.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The database failed.
+    #[error("outbox database error: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// No database connection.
+    #[error("no database connection: {0}")]
+    Pool(#[from] oncely_inbox::PoolError),
+    /// The fault hook fired.
+    #[error("fault injection: crashed after confirm, before marking")]
+    InjectedCrash,
+}
+
+/// What one cycle did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CycleOutcome {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows published and marked.
+    pub published: usize,
+    /// Rows whose publish failed (recorded, retried later).
+    pub failed: usize,
+}
+
+/// Live counters of a relay.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    published: AtomicU64,
+    failed: AtomicU64,
+    cycles: AtomicU64,
+    purged: AtomicU64,
+}
+
+/// A copy of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStatsSnapshot {
+    /// Rows published and marked.
+    pub published: u64,
+    /// Failed publish attempts.
+    pub failed: u64,
+    /// Claim-publish-mark cycles.
+    pub cycles: u64,
+    /// Published rows removed by the retention clean-up.
+    pub purged: u64,
+}
+
+impl RelayStats {
+    /// Reads the counters.
+    pub fn snapshot(&self) -> RelayStatsSnapshot {
+        // `load` through the trait: diesel's RunQueryDsl also has a `load`.
+        let read = |c: &AtomicU64| AtomicU64::load(c, Ordering::Relaxed);
+        RelayStatsSnapshot {
+            published: read(&self.published),
+            failed: read(&self.failed),
+            cycles: read(&self.cycles),
+            purged: read(&self.purged),
+        }
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct ClaimedRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    event_type: String,
+    #[diesel(sql_type = Text)]
+    exchange: String,
+    #[diesel(sql_type = Text)]
+    routing_key: String,
+    #[diesel(sql_type = Jsonb)]
+    payload: Value,
+    #[diesel(sql_type = Jsonb)]
+    headers: Value,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Int4)]
+    publish_attempts: i32,
+}
+
+/// The claim. Only the oldest unpublished event of each aggregate is eligible, so a later event
+/// can never overtake an earlier one, whichever relay holds which row; `SKIP LOCKED` lets several
+/// relays share the table.
+const CLAIM: &str = "\
+SELECT o.id, o.event_type, o.exchange, o.routing_key, o.payload, o.headers, o.created_at, o.publish_attempts
+FROM outbox_message o
+WHERE o.published_at IS NULL
+  AND o.next_attempt_at <= now()
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox_message p
+      WHERE p.published_at IS NULL
+        AND p.aggregate_type = o.aggregate_type
+        AND p.aggregate_id = o.aggregate_id
+        AND p.seq < o.seq)
+ORDER BY o.seq
+LIMIT $1
+FOR UPDATE OF o SKIP LOCKED";
+
+const MARK_PUBLISHED: &str = "\
+UPDATE outbox_message
+SET published_at = now(), publish_attempts = publish_attempts + 1, last_error = NULL
+WHERE id = ANY($1)";
+
+const MARK_FAILED: &str = "\
+UPDATE outbox_message o
+SET publish_attempts = o.publish_attempts + 1,
+    last_error = f.error,
+    next_attempt_at = now() + make_interval(secs => f.delay)
+FROM unnest($1::text[], $2::text[], $3::float8[]) AS f(id, error, delay)
+WHERE o.id = f.id";
+
+const PURGE: &str = "\
+DELETE FROM outbox_message WHERE id IN (
+    SELECT id FROM outbox_message
+    WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1)
+    LIMIT $2)";
+
+/// Publishes outbox rows. Several relays (threads or processes) can run over one table.
+pub struct Relay {
+    pool: Pool,
+    database_url: String,
+    publisher: Arc<Publisher>,
+    options: RelayOptions,
+    stats: Arc<RelayStats>,
+    fault: Option<RelayFault>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("options", &self.options)
+            .field("stats", &self.stats.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay over `pool` (and a LISTEN connection to `database_url`) publishing with
+    /// `publisher`.
+    pub fn new(
+        pool: Pool,
+        database_url: impl Into<String>,
+        publisher: Arc<Publisher>,
+        options: RelayOptions,
+    ) -> Self {
+        Relay {
+            pool,
+            database_url: database_url.into(),
+            publisher,
+            options,
+            stats: Arc::new(RelayStats::default()),
+            fault: None,
+        }
+    }
+
+    /// Installs a test fault.
+    #[doc(hidden)]
+    pub fn with_fault(mut self, fault: RelayFault) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// Runs cycles until `shutdown` completes: straight on while there is work, otherwise on a
+    /// notification from the outbox trigger or after `poll_interval`, whichever comes first.
+    pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
+        tokio::pin!(shutdown);
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen(self.database_url.clone(), wake.clone()));
+        let mut last_cleanup = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        let result = loop {
+            let busy = tokio::select! {
+                biased;
+                _ = &mut shutdown => break Ok(()),
+                cycle = self.cycle() => match cycle {
+                    Ok(outcome) => {
+                        failures = 0;
+                        outcome.published > 0 || outcome.claimed as i64 >= self.options.batch_size
+                    }
+                    Err(RelayError::InjectedCrash) => break Err(RelayError::InjectedCrash),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox relay cycle failed");
+                        failures = failures.saturating_add(1);
+                        false
+                    }
+                },
+            };
+            if let Some(retention) = self.options.retention
+                && last_cleanup.elapsed() >= self.options.cleanup_interval
+            {
+                last_cleanup = tokio::time::Instant::now();
+                if let Err(e) = self.purge_published(retention).await {
+                    tracing::warn!(error = %e, "outbox clean-up failed");
+                }
+            }
+            if busy {
+                continue;
+            }
+            let pause = if failures > 0 {
+                self.options
+                    .retry_backoff
+                    .delay(failures - 1)
+                    .min(self.options.poll_interval * 5)
+            } else {
+                self.options.poll_interval
+            };
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        };
+        listener.abort();
+        result
+    }
+
+    /// One claim-publish-mark cycle, in one transaction that holds the claimed rows.
+    pub async fn cycle(&self) -> Result<CycleOutcome, RelayError> {
+        let mut conn = self.pool.get().await?;
+        let outcome = conn
+            .transaction::<CycleOutcome, RelayError, _>(async |conn| {
+                let rows: Vec<ClaimedRow> = diesel::sql_query(CLAIM)
+                    .bind::<BigInt, _>(self.options.batch_size)
+                    .load(conn)
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(CycleOutcome::default());
+                }
+                let bodies: Vec<Vec<u8>> = rows
+                    .iter()
+                    .map(|r| serde_json::to_vec(&r.payload).unwrap_or_default())
+                    .collect();
+                let messages: Vec<OutgoingMessage<'_>> = rows
+                    .iter()
+                    .zip(&bodies)
+                    .map(|(row, body)| OutgoingMessage {
+                        exchange: &row.exchange,
+                        routing_key: &row.routing_key,
+                        body,
+                        properties: properties(row, self.options.app_id.as_deref()),
+                    })
+                    .collect();
+                let results = self
+                    .publisher
+                    .publish_batch(&messages, self.options.max_outstanding)
+                    .await;
+                if self.fault == Some(RelayFault::CrashAfterConfirm) {
+                    return Err(RelayError::InjectedCrash);
+                }
+                let mut published = Vec::new();
+                let (mut failed_ids, mut errors, mut delays) = (Vec::new(), Vec::new(), Vec::new());
+                for (row, result) in rows.iter().zip(results) {
+                    match result {
+                        Ok(()) => published.push(row.id.clone()),
+                        Err(e) => {
+                            let attempt = u32::try_from(row.publish_attempts).unwrap_or(0);
+                            failed_ids.push(row.id.clone());
+                            errors.push(e.to_string());
+                            delays.push(self.options.retry_backoff.delay(attempt).as_secs_f64());
+                        }
+                    }
+                }
+                if !published.is_empty() {
+                    diesel::sql_query(MARK_PUBLISHED)
+                        .bind::<Array<Text>, _>(&published)
+                        .execute(conn)
+                        .await?;
+                }
+                if !failed_ids.is_empty() {
+                    tracing::warn!(failed = failed_ids.len(), first_error = %errors[0], "outbox publishes failed; retried later");
+                    diesel::sql_query(MARK_FAILED)
+                        .bind::<Array<Text>, _>(&failed_ids)
+                        .bind::<Array<Text>, _>(&errors)
+                        .bind::<Array<Double>, _>(&delays)
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(CycleOutcome {
+                    claimed: rows.len(),
+                    published: published.len(),
+                    failed: failed_ids.len(),
+                })
+            })
+            .await?;
+        self.stats.cycles.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .published
+            .fetch_add(outcome.published as u64, Ordering::Relaxed);
+        self.stats
+            .failed
+            .fetch_add(outcome.failed as u64, Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    /// Deletes published rows older than `retention`, 1,000 per statement; returns how many.
+    pub async fn purge_published(&self, retention: Duration) -> Result<u64, RelayError> {
+        let mut total = 0u64;
+        loop {
+            let mut conn = self.pool.get().await?;
+            let deleted = diesel::sql_query(PURGE)
+                .bind::<Double, _>(retention.as_secs_f64())
+                .bind::<BigInt, _>(1000i64)
+                .execute(&mut conn)
+                .await? as u64;
+            total += deleted;
+            if deleted < 1000 {
+                self.stats.purged.fetch_add(total, Ordering::Relaxed);
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The AMQP properties of a row: message id, type, JSON, persistent, timestamp, headers.
+fn properties(row: &ClaimedRow, app_id: Option<&str>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let mut correlation_id = None;
+    if let Value::Object(map) = &row.headers {
+        for (name, value) in map {
+            let value = match value {
+                Value::String(s) if name == "correlation_id" => {
+                    correlation_id = Some(s.clone());
+                    continue;
+                }
+                Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                Value::Bool(b) => AMQPValue::Boolean(*b),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => AMQPValue::LongLongInt(i),
+                    None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+                },
+                other => AMQPValue::LongString(LongString::from(other.to_string().as_str())),
+            };
+            headers.insert(name.as_str().into(), value);
+        }
+    }
+    let mut p = BasicProperties::default()
+        .with_message_id(row.id.as_str().into())
+        .with_type(row.event_type.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(row.created_at.timestamp().max(0) as u64)
+        .with_headers(headers);
+    if let Some(app_id) = app_id {
+        p = p.with_app_id(app_id.into());
+    }
+    if let Some(id) = correlation_id {
+        p = p.with_correlation_id(id.as_str().into());
+    }
+    p
+}
+
+/// Forwards outbox notifications to `wake`, reconnecting with backoff; polling covers the gaps.
+async fn listen(database_url: String, wake: Arc<Notify>) {
+    let backoff = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+        max_attempts: None,
+    };
+    let mut failures = 0u32;
+    loop {
+        match AsyncPgConnection::establish(&database_url).await {
+            Ok(mut conn) => {
+                let listening = diesel::sql_query(format!("LISTEN {NOTIFY_CHANNEL}"))
+                    .execute(&mut conn)
+                    .await;
+                if listening.is_ok() {
+                    failures = 0;
+                    let mut notifications = std::pin::pin!(conn.notifications_stream());
+                    while let Some(Ok(_)) = notifications.next().await {
+                        wake.notify_one();
+                    }
+                }
+                tracing::warn!("outbox LISTEN connection lost; polling until it is back");
+            }
+            Err(e) => tracing::warn!(error = %e, "outbox LISTEN connection failed"),
+        }
+        tokio::time::sleep(backoff.delay(failures)).await;
+        failures = failures.saturating_add(1);
+    }
+}

@@ -1,0 +1,112 @@
+//! Order service: creates orders (order row + outbox row in one transaction) and relays their
+//! events to RabbitMQ.
+//!
+//! Run with:
+//!   cargo run -p order-service -- create --count 100
+//!   cargo run -p order-service -- relay            # until Ctrl-C / SIGTERM
+//!   cargo run -p order-service -- run --count 100  # both
+
+use clap::{Parser, Subcommand};
+use oncely::outbox::{Relay, RelayOptions};
+use oncely::{PoolOptions, Publisher, PublisherOptions};
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(name = "order-service", about = "Order service of the oncely drill")]
+struct Cli {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
+    )]
+    database_url: String,
+    /// Exchange events go to.
+    #[arg(long, default_value = order_service::ORDER_EVENTS_EXCHANGE)]
+    exchange: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create N orders, each with its event, in one transaction each.
+    Create {
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+    },
+    /// Publish outbox events until Ctrl-C or SIGTERM.
+    Relay,
+    /// Create N orders, then relay until Ctrl-C or SIGTERM.
+    Run {
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,order_service=info,oncely_outbox=info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    order_service::migrate(&cli.database_url).await?;
+    let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
+    match cli.command {
+        Command::Create { count } => create(&pool, &cli.exchange, count).await?,
+        Command::Relay => relay(&cli, pool).await?,
+        Command::Run { count } => {
+            create(&pool, &cli.exchange, count).await?;
+            relay(&cli, pool).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn create(pool: &oncely::Pool, exchange: &str, count: usize) -> anyhow::Result<()> {
+    let prefix = format!("ord-{}", std::process::id());
+    let mut conn = pool.get().await?;
+    for n in 0..count {
+        order_service::create_order(&mut conn, &order_service::order(&prefix, n), exchange).await?;
+    }
+    println!("created {count} orders ({prefix}-*) with their order.created.v1 events");
+    Ok(())
+}
+
+async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
+    let publisher = Arc::new(Publisher::new(
+        &cli.amqp_url,
+        "order-service-relay",
+        PublisherOptions::default(),
+    ));
+    let relay = Relay::new(
+        pool,
+        &cli.database_url,
+        publisher.clone(),
+        RelayOptions {
+            app_id: Some("order-service".to_owned()),
+            ..RelayOptions::default()
+        },
+    );
+    tracing::info!("relaying outbox events to {}", cli.exchange);
+    relay.run(oncely::shutdown_signal()).await?;
+    publisher.close().await;
+    let stats = relay.stats().snapshot();
+    println!(
+        "relay stopped: published {} failed attempts {} cycles {}",
+        stats.published, stats.failed, stats.cycles
+    );
+    Ok(())
+}
