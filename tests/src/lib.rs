@@ -113,6 +113,53 @@ impl Harness {
         }
     }
 
+    /// A harness whose schema also has the outbox and the orders table.
+    pub async fn with_outbox() -> Harness {
+        let h = Harness::new(&[]).await;
+        order_service::migrate(h.schema.url())
+            .await
+            .expect("outbox migrations");
+        h
+    }
+
+    /// A relay over this test's schema publishing to the broker; `options` tuned by the caller.
+    pub fn relay(
+        &self,
+        amqp_url: &str,
+        options: oncely::outbox::RelayOptions,
+    ) -> oncely::outbox::Relay {
+        let publisher = Arc::new(oncely::Publisher::new(
+            amqp_url,
+            format!("{}-relay", self.name),
+            oncely::PublisherOptions {
+                confirm_timeout: Duration::from_secs(2),
+                ..oncely::PublisherOptions::default()
+            },
+        ));
+        oncely::outbox::Relay::new(self.pool.clone(), self.schema.url(), publisher, options)
+    }
+
+    /// Outbox rows (published, unpublished).
+    pub async fn outbox_counts(&self) -> (i64, i64) {
+        use diesel_async::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Counts {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            published: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            unpublished: i64,
+        }
+        let mut conn = self.pool.get().await.expect("connection");
+        let c: Counts = diesel::sql_query(
+            "SELECT count(*) FILTER (WHERE published_at IS NOT NULL) AS published, \
+                    count(*) FILTER (WHERE published_at IS NULL) AS unpublished FROM outbox_message",
+        )
+        .get_result(&mut conn)
+        .await
+        .expect("outbox counts");
+        (c.published, c.unpublished)
+    }
+
     /// Connection name of this test's consumers, for [`Harness::close_consumer_connections`].
     pub fn consumer_connection_name(&self) -> String {
         format!("{}-consumer", self.name)

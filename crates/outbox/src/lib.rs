@@ -27,7 +27,7 @@ mod message;
 mod relay;
 mod schema;
 
-pub use message::{NewOutboxMessage, enqueue};
+pub use message::{NewOutboxMessage, enqueue, enqueue_many};
 pub use relay::{
     CycleOutcome, Relay, RelayError, RelayFault, RelayOptions, RelayStats, RelayStatsSnapshot,
 };

@@ -70,3 +70,16 @@ pub async fn enqueue(conn: &mut AsyncPgConnection, message: &NewOutboxMessage) -
         .await
         .map(|_| ())
 }
+
+/// Writes several events in one statement, inside the caller's transaction; they keep their
+/// order (per aggregate) as given.
+pub async fn enqueue_many(
+    conn: &mut AsyncPgConnection,
+    messages: &[NewOutboxMessage],
+) -> QueryResult<()> {
+    diesel::insert_into(outbox_message::table)
+        .values(messages)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}

@@ -435,6 +435,8 @@ async fn listen(database_url: String, wake: Arc<Notify>) {
                     .await;
                 if listening.is_ok() {
                     failures = 0;
+                    // Whatever was committed before LISTEN took effect gets a cycle too.
+                    wake.notify_one();
                     let mut notifications = std::pin::pin!(conn.notifications_stream());
                     while let Some(Ok(_)) = notifications.next().await {
                         wake.notify_one();
