@@ -19,8 +19,9 @@ CREATE TABLE outbox_message (
 -- The relay's claim: heads of each aggregate's unpublished events, due first.
 CREATE INDEX outbox_message_unpublished_idx
     ON outbox_message (aggregate_type, aggregate_id, seq) WHERE published_at IS NULL;
-CREATE INDEX outbox_message_due_idx
-    ON outbox_message (next_attempt_at, seq) WHERE published_at IS NULL;
+-- Walks pending rows in order without stepping over the published ones kept for retention.
+CREATE INDEX outbox_message_pending_seq_idx
+    ON outbox_message (seq) WHERE published_at IS NULL;
 -- Retention clean-up.
 CREATE INDEX outbox_message_published_at_idx
     ON outbox_message (published_at) WHERE published_at IS NOT NULL;
