@@ -28,7 +28,7 @@ impl Drop for Watermark {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_broker_gives_a_confirm_timeout_within_the_bound_and_no_hang() {
-    let h = Harness::new(&[]).await;
+    let h = Harness::with_outbox().await;
     let p = Publisher::new(
         amqp_url(),
         format!("{}-publisher", h.name),
@@ -67,7 +67,49 @@ async fn blocked_broker_gives_a_confirm_timeout_within_the_bound_and_no_hang() {
         "waited {waited:?}"
     );
 
+    // The outbox relay meets the same wall: its rows stay unpublished, with the timeout recorded.
+    let mut conn = h.pool.get().await.expect("connection");
+    for n in 0..5 {
+        order_service::create_order(
+            &mut conn,
+            &order_service::order(&h.name, n),
+            h.topology.exchange(),
+        )
+        .await
+        .expect("create order");
+    }
+    drop(conn);
+    let relay = h.relay(
+        &amqp_url(),
+        oncely::outbox::RelayOptions {
+            poll_interval: Duration::from_millis(100),
+            retry_backoff: oncely::Backoff {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+                max_attempts: None,
+            },
+            ..Default::default()
+        },
+    );
+    let started = Instant::now();
+    let outcome = relay.cycle().await.expect("cycle");
+    assert_eq!((outcome.published, outcome.failed), (0, 5));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "bounded by the confirm timeout"
+    );
+    assert_eq!(h.outbox_counts().await, (0, 5));
+
     drop(restore);
+    let relaying =
+        tokio::spawn(async move { relay.run(tokio::time::sleep(Duration::from_secs(60))).await });
+    wait_until(
+        "outbox published after the alarm clears",
+        Duration::from_secs(30),
+        || async { h.outbox_counts().await == (5, 0) },
+    )
+    .await;
+    relaying.abort();
     // After the alarm clears, publishing works again (on a fresh channel).
     wait_until(
         "publishing works again",

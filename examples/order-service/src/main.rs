@@ -37,6 +37,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Apply the outbox and orders migrations, then exit.
+    Migrate,
     /// Create N orders, each with its event, in one transaction each.
     Create {
         /// How many.
@@ -65,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     order_service::migrate(&cli.database_url).await?;
     let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
     match cli.command {
+        Command::Migrate => println!("migrations applied"),
         Command::Create { count } => create(&pool, &cli.exchange, count).await?,
         Command::Relay => relay(&cli, pool).await?,
         Command::Run { count } => {
