@@ -95,7 +95,9 @@ impl ConfirmPublisher {
 
     /// Publishes `messages` with at most `max_outstanding` confirms awaited at once, and returns
     /// one result per message, in order: which ones failed and why. Each confirm has its own
-    /// deadline of `confirm_timeout` from its publish.
+    /// deadline of `confirm_timeout` from its publish. Once the channel fails (a timeout, a lost
+    /// connection), the messages not yet sent fail at once with [`AmqpError::Publish`], so a
+    /// blocked broker costs a batch about two timeouts, not one per message.
     ///
     /// Returned (unroutable) messages are matched to the batch by their content (exchange,
     /// routing key, message id, body), not by the confirm that happens to carry them: the broker
@@ -134,6 +136,14 @@ impl ConfirmPublisher {
                         &mut returned,
                     )
                     .await;
+            }
+            if broken {
+                // The channel failed (a blocked broker, a lost connection): sending the rest would
+                // only wait out one timeout each.
+                results[index] = Err(AmqpError::Publish(
+                    "not sent: an earlier publish of the batch failed".into(),
+                ));
+                continue;
             }
             let deadline = tokio::time::Instant::now() + self.options.confirm_timeout;
             match self.send(&channel, message, deadline).await {

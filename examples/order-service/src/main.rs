@@ -89,6 +89,7 @@ async fn create(pool: &oncely::Pool, exchange: &str, count: usize) -> anyhow::Re
 }
 
 async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
+    declare_exchange(cli).await?;
     let publisher = Arc::new(Publisher::new(
         &cli.amqp_url,
         "order-service-relay",
@@ -111,5 +112,27 @@ async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
         "relay stopped: published {} failed attempts {} cycles {}",
         stats.published, stats.failed, stats.cycles
     );
+    Ok(())
+}
+
+/// The order service owns its exchange: declare it (durable topic) before relaying, so events are
+/// routable as soon as a consumer binds a queue.
+async fn declare_exchange(cli: &Cli) -> anyhow::Result<()> {
+    use oncely::lapin::options::ExchangeDeclareOptions;
+    let connection =
+        oncely::connect(&cli.amqp_url, "order-service-setup", Default::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .exchange_declare(
+            cli.exchange.as_str().into(),
+            oncely::lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            Default::default(),
+        )
+        .await?;
+    let _ = connection.close(200, "declared".into()).await;
     Ok(())
 }
