@@ -103,13 +103,7 @@ impl Publisher {
     ) -> Vec<Result<()>> {
         let publisher = match self.connected().await {
             Ok(p) => p,
-            Err(e) => {
-                let text = e.to_string();
-                return messages
-                    .iter()
-                    .map(|_| Err(AmqpError::Publish(text.clone())))
-                    .collect();
-            }
+            Err(e) => return crate::publisher::fail_all(messages, &e),
         };
         let results = publisher.publish_batch(messages, max_outstanding).await;
         if let Some(broken) = results

@@ -111,13 +111,7 @@ impl ConfirmPublisher {
         let mut slot = self.channel.lock().await;
         let channel = match self.open_channel(&mut slot).await {
             Ok(channel) => channel,
-            Err(e) => {
-                let text = e.to_string();
-                return messages
-                    .iter()
-                    .map(|_| Err(AmqpError::Publish(text.clone())))
-                    .collect();
-            }
+            Err(e) => return fail_all(messages, &e),
         };
         let mut results: Vec<Result<()>> = messages.iter().map(|_| Ok(())).collect();
         let mut returned = Vec::new();

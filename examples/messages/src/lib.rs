@@ -30,6 +30,17 @@ impl OrderCreated {
     }
 }
 
+/// The `n`th sample order of a run whose order ids start with `prefix` (`<prefix>-<n>`), as
+/// the demo, the tests and the benchmarks create them.
+pub fn sample_order(prefix: &str, n: usize) -> OrderCreated {
+    OrderCreated {
+        order_id: format!("{prefix}-{n}"),
+        customer_id: format!("cus-{}", n % 97),
+        amount_cents: 125_000 + n as i64,
+        currency: "IDR".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,11 +74,4 @@ pub async fn create_order(
 }
 
 /// The `n`th order of a run whose ids start with `prefix`.
-pub fn order(prefix: &str, n: usize) -> OrderCreated {
-    OrderCreated {
-        order_id: format!("{prefix}-{n}"),
-        customer_id: format!("cus-{}", n % 97),
-        amount_cents: 125_000 + n as i64,
-        currency: "IDR".to_owned(),
-    }
-}
+pub use oncely_example_messages::sample_order as order;
