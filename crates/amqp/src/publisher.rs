@@ -322,3 +322,12 @@ fn confirmation_result(message: &OutgoingMessage<'_>, confirmation: Confirmation
         }),
     }
 }
+
+/// One `Publish` error per message: none of them could be sent because of `error`.
+pub(crate) fn fail_all(messages: &[OutgoingMessage<'_>], error: &AmqpError) -> Vec<Result<()>> {
+    let text = error.to_string();
+    messages
+        .iter()
+        .map(|_| Err(AmqpError::Publish(text.clone())))
+        .collect()
+}
