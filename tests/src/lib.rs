@@ -331,6 +331,23 @@ impl Harness {
             .expect("terminate backends")
     }
 
+    /// Backends of this test still running `pg_sleep`.
+    pub async fn sleeping_backends(&self) -> i64 {
+        use diesel_async::{AsyncConnection, RunQueryDsl};
+        let mut admin =
+            diesel_async::AsyncPgConnection::establish(&oncely::testing::database_url())
+                .await
+                .expect("admin connection");
+        let sql = format!(
+            "(SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND query LIKE 'SELECT pg_sleep%' AND state = 'active')",
+            self.schema.name()
+        );
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&sql))
+            .get_result::<i64>(&mut admin)
+            .await
+            .expect("count sleeping backends")
+    }
+
     /// Closes, from the broker's side, every connection of this test's consumers (as
     /// `rabbitmqctl close_connection` would in production). Returns how many were closed.
     pub async fn close_consumer_connections(&self) -> usize {

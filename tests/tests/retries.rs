@@ -178,3 +178,59 @@ async fn declaring_the_same_topology_twice_is_a_no_op_and_a_conflict_names_queue
         .await
         .expect("still declarable");
 }
+
+#[oncely::handler(consumer = "billing")]
+async fn stuck_on_first_attempt(
+    conn: &mut AsyncPgConnection,
+    msg: Envelope<OrderCreated>,
+) -> Result<(), HandlerError> {
+    use diesel_async::RunQueryDsl;
+    let attempt = msg.metadata.attempt;
+    create_invoice::call(conn, msg).await?;
+    if attempt == 1 {
+        // Holds the transaction (and the invoice row it wrote) far past the timeout.
+        diesel::sql_query("SELECT pg_sleep(10)")
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_past_its_timeout_is_cancelled_rolled_back_and_retried() {
+    let h = Harness::new(&tiers()).await;
+    let running = h.start(
+        h.consumer(stuck_on_first_attempt)
+            .retry_policy(RetryPolicy::new(5, tiers()))
+            .handler_timeout(Duration::from_millis(300))
+            .build(),
+    );
+    let o = order(&h.name, 1);
+    h.publish_order(&o).await;
+    running
+        .wait_for_stats("processed on the second attempt", |s| s.processed == 1)
+        .await;
+
+    let stats = running.stats();
+    assert_eq!((stats.retried, stats.dead_lettered), (1, 0));
+    assert_eq!(
+        h.invoices().await,
+        1,
+        "the timed-out attempt's invoice was rolled back"
+    );
+    let row = h
+        .inbox
+        .find("billing", &o.message_id())
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!((row.status.as_str(), row.attempts), ("processed", 2));
+    // The stuck statement was cancelled on the server, not left holding its locks.
+    oncely_e2e::wait_until(
+        "no pg_sleep left on the server",
+        Duration::from_secs(5),
+        || async { h.sleeping_backends().await == 0 },
+    )
+    .await;
+    running.stop().await.expect("stop");
+}

@@ -91,6 +91,7 @@ impl From<diesel::result::Error> for TxError {
 #[derive(Clone)]
 pub struct Inbox {
     pool: Pool,
+    handler_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -104,7 +105,19 @@ impl std::fmt::Debug for Inbox {
 impl Inbox {
     /// An inbox on `pool`; run [`crate::run_migrations`] with [`crate::INBOX_MIGRATIONS`] first.
     pub fn new(pool: Pool) -> Self {
-        Inbox { pool }
+        Inbox {
+            pool,
+            handler_timeout: None,
+        }
+    }
+
+    /// Bounds each run: a handler (with its claim and commit) still running after `timeout` is
+    /// cancelled, its statement cancelled on the server, its transaction rolled back (the
+    /// connection is discarded, never reused mid-transaction), and the run fails with the
+    /// retryable error `handler_timeout`.
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout);
+        self
     }
 
     /// The pool.
@@ -133,19 +146,30 @@ impl Inbox {
     {
         let message_id = envelope.metadata.message_id.clone();
         let mut conn = self.pool.get().await?;
-        let result = conn
-            .transaction::<Outcome, TxError, _>(async |conn| {
-                let Some(attempts) = claim(conn, consumer, &message_id).await? else {
-                    return Ok(Outcome::Duplicate);
-                };
-                let handled = AssertUnwindSafe(handler(conn, envelope))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| Err(panic_error(panic)));
-                handled.map_err(TxError::Handler)?;
-                Ok(Outcome::Processed { attempts })
-            })
-            .await;
+        let transaction = conn.transaction::<Outcome, TxError, _>(async |conn| {
+            let Some(attempts) = claim(conn, consumer, &message_id).await? else {
+                return Ok(Outcome::Duplicate);
+            };
+            let handled = AssertUnwindSafe(handler(conn, envelope))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(panic_error(panic)));
+            handled.map_err(TxError::Handler)?;
+            Ok(Outcome::Processed { attempts })
+        });
+        let result = match self.handler_timeout {
+            None => transaction.await,
+            Some(limit) => match tokio::time::timeout(limit, transaction).await {
+                Ok(result) => result,
+                Err(_) => {
+                    abandon(&mut conn).await;
+                    Err(TxError::Handler(HandlerError::retryable(
+                        "handler_timeout",
+                        format!("handler still running after {limit:?}; cancelled and rolled back"),
+                    )))
+                }
+            },
+        };
         drop(conn);
         match result {
             Ok(outcome) => Ok(outcome),
@@ -263,6 +287,24 @@ impl Inbox {
             }
         }
     }
+}
+
+/// A transaction future was dropped mid-way: cancel whatever statement is still running on the
+/// server (so it releases its locks now) and mark the connection broken, so the pool discards it
+/// and the server rolls the transaction back when it closes.
+async fn abandon(conn: &mut AsyncPgConnection) {
+    use diesel_async::TransactionManager;
+    if let Err(e) = conn
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+    {
+        tracing::warn!(error = %e, "could not cancel the timed-out statement");
+    }
+    <AsyncPgConnection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(
+        conn,
+    )
+    .set_in_error();
 }
 
 /// The claim: one statement that inserts the row as processed, or turns a failed row into a

@@ -244,6 +244,14 @@ impl<H: Handler> ConsumerBuilder<H> {
         self
     }
 
+    /// Longest a handler may run (claim and commit included). A handler still running is
+    /// cancelled, its transaction rolled back, and the delivery retried per the retry policy
+    /// (error code `handler_timeout`). Default: none.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.inbox = self.inbox.with_handler_timeout(timeout);
+        self
+    }
+
     /// Test hook that simulates a crash between commit and ack.
     #[doc(hidden)]
     pub fn fault_injection(mut self, fault: FaultInjection) -> Self {
