@@ -21,7 +21,7 @@ mod pool;
 pub mod schema;
 mod store;
 
-pub use migrate::{INBOX_MIGRATIONS, MigrationError, run_migrations};
+pub use migrate::{INBOX_MIGRATIONS, INBOX_SQL, MigrationError, run_migrations};
 pub use pool::{Pool, PoolError, PoolOptions, connect_pool};
 pub use store::{BoxFuture, Inbox, InboxError, InboxRow, Outcome};
 

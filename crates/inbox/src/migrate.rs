@@ -50,3 +50,9 @@ pub async fn run_migrations(
     .await
     .map_err(|e| MigrationError::Task(e.to_string()))?
 }
+
+/// The SQL of [`INBOX_MIGRATIONS`], for tools that write it into a service's own migrations.
+pub const INBOX_SQL: (&str, &str) = (
+    include_str!("../../../migrations/inbox/2026-11-23-000001_create_message_inbox/up.sql"),
+    include_str!("../../../migrations/inbox/2026-11-23-000001_create_message_inbox/down.sql"),
+);

@@ -254,18 +254,32 @@ impl Inbox {
         retention: Duration,
         batch: i64,
     ) -> Result<u64, InboxError> {
+        self.purge_processed_of(None, retention, batch).await
+    }
+
+    /// [`Inbox::purge_processed`] for one consumer only, or all when `consumer` is `None`.
+    /// Each batch is its own short statement, so running consumers are never blocked for long.
+    pub async fn purge_processed_of(
+        &self,
+        consumer: Option<&str>,
+        retention: Duration,
+        batch: i64,
+    ) -> Result<u64, InboxError> {
         let cutoff =
             Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
         let mut total = 0u64;
         loop {
             let mut conn = self.pool.get().await?;
-            let doomed = inbox::message_inbox
+            let mut query = inbox::message_inbox
                 .select((inbox::consumer_name, inbox::message_id))
                 .filter(inbox::status.eq("processed"))
                 .filter(inbox::processed_at.lt(cutoff))
                 .limit(batch.max(1))
-                .load::<(String, String)>(&mut conn)
-                .await?;
+                .into_boxed();
+            if let Some(consumer) = consumer {
+                query = query.filter(inbox::consumer_name.eq(consumer.to_owned()));
+            }
+            let doomed = query.load::<(String, String)>(&mut conn).await?;
             if doomed.is_empty() {
                 return Ok(total);
             }

@@ -21,8 +21,8 @@ pub use oncely_core::{
     ErrorKind, HandlerError, Metadata, Reason, RetryPolicy, headers,
 };
 pub use oncely_inbox::{
-    INBOX_MIGRATIONS, Inbox, InboxError, InboxRow, MigrationError, Outcome, Pool, PoolOptions,
-    connect_pool, run_migrations,
+    INBOX_MIGRATIONS, INBOX_SQL, Inbox, InboxError, InboxRow, MigrationError, Outcome, Pool,
+    PoolOptions, connect_pool, run_migrations,
 };
 pub use oncely_macros::handler;
 

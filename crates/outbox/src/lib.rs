@@ -39,3 +39,10 @@ pub const OUTBOX_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migra
 
 /// The channel the trigger notifies and relays listen on.
 pub const NOTIFY_CHANNEL: &str = "oncely_outbox";
+
+/// The SQL of [`OUTBOX_MIGRATIONS`] (up, down), for tools that write it into a service's own
+/// migrations.
+pub const OUTBOX_SQL: (&str, &str) = (
+    include_str!("../../../migrations/outbox/2026-11-23-000003_create_outbox_message/up.sql"),
+    include_str!("../../../migrations/outbox/2026-11-23-000003_create_outbox_message/down.sql"),
+);

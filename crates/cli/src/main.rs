@@ -1,0 +1,188 @@
+//! `oncely`: operate oncely consumers and outboxes.
+//!
+//! Exit codes: 0 success; 1 failure (a service unreachable, a query failed); 2 bad usage;
+//! 3 refused (e.g. the migration is already in the target directory).
+
+mod dlq;
+mod migrations;
+mod stats;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "oncely",
+    version,
+    about = "Operate oncely consumers and outboxes"
+)]
+struct Cli {
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
+    )]
+    database_url: String,
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write oncely's tables into your service's Diesel migrations.
+    #[command(subcommand)]
+    Migrations(MigrationsCommand),
+    /// Inspect and replay dead letters and parked messages.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Inbox statistics and retention.
+    #[command(subcommand)]
+    Inbox(InboxCommand),
+    /// Outbox statistics.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrationsCommand {
+    /// Write migration folders (up.sql, down.sql) for the inbox and/or outbox tables; both
+    /// when neither flag is given. Refuses to write a table that is already there.
+    Generate {
+        /// Your migrations directory.
+        #[arg(long, default_value = "migrations")]
+        dir: std::path::PathBuf,
+        /// The inbox table (`message_inbox`).
+        #[arg(long)]
+        inbox: bool,
+        /// The outbox table (`outbox_message`).
+        #[arg(long)]
+        outbox: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Count and show the oldest messages of QUEUE.dlq (or QUEUE.parking), leaving them in place.
+    List {
+        /// The consumer queue Q (its `Q.dlq` is listed).
+        queue: String,
+        /// How many messages to show.
+        #[arg(long, default_value_t = 10)]
+        last: usize,
+        /// `dlq` or `parking`.
+        #[arg(long, value_enum, default_value_t = dlq::Source::Dlq)]
+        from: dlq::Source,
+    },
+    /// Move messages from QUEUE.dlq (or QUEUE.parking) back to QUEUE, keeping their message id:
+    /// each is published with a confirm and only then acked from the dead-letter queue.
+    Replay {
+        /// The consumer queue Q.
+        queue: String,
+        /// Replay at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// At most this many per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Show what would be replayed; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// `dlq` or `parking`.
+        #[arg(long, value_enum, default_value_t = dlq::Source::Dlq)]
+        from: dlq::Source,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InboxCommand {
+    /// Rows per consumer and status, oldest and newest.
+    Stats {
+        /// Only this consumer.
+        #[arg(long)]
+        consumer: Option<String>,
+    },
+    /// Delete processed rows older than the given age, in bounded batches (safe while consumers
+    /// run). A message redelivered after its row is gone is processed again: keep the age above
+    /// the longest a message can wait in a queue, a delay queue or the DLQ.
+    Purge {
+        /// Age, e.g. `30d`, `12h`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Only this consumer.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Rows per statement.
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum OutboxCommand {
+    /// Unpublished count, oldest unpublished age, attempts, published count.
+    Stats,
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub(crate) struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Migrations(MigrationsCommand::Generate { dir, inbox, outbox }) => {
+            let both = !inbox && !outbox;
+            migrations::generate(&dir, inbox || both, outbox || both)
+        }
+        Command::Dlq(DlqCommand::List { queue, last, from }) => {
+            dlq::list(&cli.amqp_url, &queue, from, last).await
+        }
+        Command::Dlq(DlqCommand::Replay {
+            queue,
+            limit,
+            rate,
+            dry_run,
+            from,
+        }) => dlq::replay(&cli.amqp_url, &queue, from, limit, rate, dry_run).await,
+        Command::Inbox(InboxCommand::Stats { consumer }) => {
+            stats::inbox(&cli.database_url, consumer.as_deref()).await
+        }
+        Command::Inbox(InboxCommand::Purge {
+            older_than,
+            consumer,
+            batch,
+        }) => stats::purge(&cli.database_url, older_than, consumer.as_deref(), batch).await,
+        Command::Outbox(OutboxCommand::Stats) => stats::outbox(&cli.database_url).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Refused>().is_some() => {
+            eprintln!("oncely: refused: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("oncely: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

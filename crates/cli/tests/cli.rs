@@ -1,0 +1,281 @@
+//! The `oncely` binary against the real PostgreSQL and RabbitMQ.
+
+use billing::{OrderCreated, create_invoice, order};
+use diesel::Connection;
+use diesel_async::AsyncPgConnection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_migrations::{FileBasedMigrations, MigrationHarness};
+use oncely::{AsyncPgConnection as Conn, Envelope, HandlerError};
+use oncely_e2e::{Harness, amqp_url, wait_until};
+use std::time::Duration;
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn oncely(h: &Harness, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(args)
+        .env("DATABASE_URL", h.schema.url())
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .await
+        .expect("run oncely");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_migrations_are_the_embedded_sql_written_once_and_apply_to_an_empty_database() {
+    let h = Harness::new(&[]).await;
+    let dir = std::env::temp_dir().join(format!("{}-migrations", h.name));
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let first = oncely(&h, &["migrations", "generate", "--dir", &dir_arg]).await;
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    let mut folders: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    folders.sort();
+    assert_eq!(folders.len(), 2);
+    assert!(folders[0].to_string_lossy().ends_with("_oncely_inbox"));
+    assert!(folders[1].to_string_lossy().ends_with("_oncely_outbox"));
+    let up = std::fs::read_to_string(folders[0].join("up.sql")).expect("up.sql");
+    assert_eq!(
+        up,
+        oncely::INBOX_SQL.0,
+        "one source: the SQL the crate embeds"
+    );
+    assert_eq!(
+        std::fs::read_to_string(folders[1].join("down.sql")).expect("down.sql"),
+        oncely::outbox::OUTBOX_SQL.1
+    );
+
+    let again = oncely(
+        &h,
+        &["migrations", "generate", "--dir", &dir_arg, "--inbox"],
+    )
+    .await;
+    assert_eq!(
+        again.code,
+        Some(3),
+        "refuses a second copy: {}",
+        again.stderr
+    );
+    assert!(
+        again
+            .stderr
+            .contains("already holds the oncely_inbox migration"),
+        "{}",
+        again.stderr
+    );
+
+    // What `diesel migration run` does, with the same library: apply the folder to an empty schema.
+    let empty = oncely::testing::TestSchema::create().await.expect("schema");
+    let url = empty.url().to_owned();
+    let migrations_dir = dir.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        let mut conn =
+            AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url).expect("connect");
+        let source = FileBasedMigrations::from_path(&migrations_dir).expect("migrations folder");
+        conn.run_pending_migrations(source)
+            .map(|v| v.len())
+            .expect("apply")
+    })
+    .await
+    .expect("task");
+    assert_eq!(applied, 2);
+    let pool = oncely::connect_pool(empty.url(), &Default::default());
+    let inbox = oncely::Inbox::new(pool);
+    assert_eq!(
+        inbox
+            .count_processed("any")
+            .await
+            .expect("message_inbox exists"),
+        0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[oncely::handler(consumer = "billing")]
+async fn invoice_any_currency(
+    conn: &mut Conn,
+    mut msg: Envelope<OrderCreated>,
+) -> Result<(), HandlerError> {
+    // The fix: currencies are normalised instead of refused.
+    msg.payload.currency = "IDR".to_owned();
+    create_invoice::call(conn, msg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_to_dlq_then_handler_fixed_then_replay_is_processed_once() {
+    let h = Harness::new(&[]).await;
+    let mut bad = order(&h.name, 1);
+    bad.currency = "rupiah".to_owned();
+    let strict = h.start(h.consumer(create_invoice).build());
+    h.publish_order(&bad).await;
+    strict
+        .wait_for_stats("dead-lettered", |s| s.dead_lettered == 1)
+        .await;
+    strict.stop().await.expect("stop");
+
+    let listed = oncely(&h, &["dlq", "list", h.topology.queue()]).await;
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    assert!(listed.stdout.contains(": 1 messages"), "{}", listed.stdout);
+    assert!(
+        listed.stdout.contains(&bad.message_id()),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        listed.stdout.contains("code=invalid_currency"),
+        "{}",
+        listed.stdout
+    );
+    assert_eq!(
+        h.queue_len(&h.topology.dlq()).await,
+        1,
+        "list leaves messages in place"
+    );
+
+    let dry = oncely(&h, &["dlq", "replay", h.topology.queue(), "--dry-run"]).await;
+    assert_eq!(dry.code, Some(0), "{}", dry.stderr);
+    assert!(dry.stdout.contains("would replay"), "{}", dry.stdout);
+    assert_eq!(
+        h.queue_len(&h.topology.dlq()).await,
+        1,
+        "dry run moves nothing"
+    );
+
+    let fixed = h.start(h.consumer(invoice_any_currency).build());
+    let replay = oncely(&h, &["dlq", "replay", h.topology.queue(), "--rate", "50"]).await;
+    assert_eq!(replay.code, Some(0), "{}", replay.stderr);
+    assert!(
+        replay.stdout.contains("replayed 1 of 1"),
+        "{}",
+        replay.stdout
+    );
+    fixed
+        .wait_for_stats("processed", |s| s.processed == 1)
+        .await;
+    assert_eq!(h.invoices().await, 1);
+    assert_eq!(h.queue_len(&h.topology.dlq()).await, 0);
+    let row = h
+        .inbox
+        .find("billing", &bad.message_id())
+        .await
+        .expect("find")
+        .expect("row");
+    assert_eq!(
+        (row.status.as_str(), row.attempts),
+        ("processed", 2),
+        "same message id, one effect"
+    );
+
+    // A second replay finds nothing; the message is never processed twice.
+    let again = oncely(&h, &["dlq", "replay", h.topology.queue()]).await;
+    assert!(again.stdout.contains("replayed 0 of 0"), "{}", again.stdout);
+    assert_eq!(fixed.stats().processed, 1);
+    fixed.stop().await.expect("stop");
+}
+
+#[oncely::handler(consumer = "billing")]
+async fn steady_invoice(conn: &mut Conn, msg: Envelope<OrderCreated>) -> Result<(), HandlerError> {
+    // Slow enough that the purge runs while deliveries are still being processed.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    create_invoice::call(conn, msg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_purge_while_a_consumer_runs_is_safe_and_stats_report_it() {
+    let h = Harness::new(&[]).await;
+    let running = h.start(h.consumer(steady_invoice).concurrency(2).build());
+    for n in 0..100 {
+        h.publish_order(&order(&h.name, n)).await;
+    }
+    running
+        .wait_for_stats("first half", |s| s.processed >= 50)
+        .await;
+    // Purge everything processed so far while the consumer keeps going.
+    let purge = oncely(
+        &h,
+        &[
+            "inbox",
+            "purge",
+            "--older-than",
+            "0s",
+            "--consumer",
+            "billing",
+            "--batch",
+            "7",
+        ],
+    )
+    .await;
+    assert_eq!(purge.code, Some(0), "{}", purge.stderr);
+    assert!(purge.stdout.contains("deleted"), "{}", purge.stdout);
+    assert!(
+        running.stats().processed < 100,
+        "the purge overlapped the consumer"
+    );
+    running.wait_for_stats("all", |s| s.processed == 100).await;
+    assert_eq!(h.invoices().await, 100);
+    assert_eq!(
+        running.stats().requeued,
+        0,
+        "the consumer never waited on the purge"
+    );
+
+    let stats = oncely(&h, &["inbox", "stats"]).await;
+    assert_eq!(stats.code, Some(0), "{}", stats.stderr);
+    assert!(stats.stdout.contains("billing"), "{}", stats.stdout);
+    let bad = oncely(&h, &["inbox", "purge", "--older-than", "soon"]).await;
+    assert_eq!(bad.code, Some(2), "bad usage: {}", bad.stderr);
+    running.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_stats_counts_unpublished_rows_and_their_age() {
+    let h = Harness::with_outbox().await;
+    let mut conn = h.pool.get().await.expect("connection");
+    for n in 0..3 {
+        order_service_create(&mut conn, &h, n).await;
+    }
+    drop(conn);
+    let stats = oncely(&h, &["outbox", "stats"]).await;
+    assert_eq!(stats.code, Some(0), "{}", stats.stderr);
+    assert!(stats.stdout.contains("unpublished: 3"), "{}", stats.stdout);
+    let relay = h.relay(&amqp_url(), Default::default());
+    relay.cycle().await.expect("cycle");
+    wait_until("published", Duration::from_secs(5), || async {
+        h.outbox_counts().await == (3, 0)
+    })
+    .await;
+    let stats = oncely(&h, &["outbox", "stats"]).await;
+    assert!(stats.stdout.contains("unpublished: 0"), "{}", stats.stdout);
+    assert!(
+        stats.stdout.contains("published (kept for retention): 3"),
+        "{}",
+        stats.stdout
+    );
+}
+
+async fn order_service_create(conn: &mut Conn, h: &Harness, n: usize) {
+    let event = oncely::outbox::NewOutboxMessage::new(
+        format!("{}-{n}", h.name),
+        "order",
+        format!("o{n}"),
+        "order.created.v1",
+        h.topology.exchange(),
+        billing::ORDER_CREATED_V1,
+        &order(&h.name, n),
+    )
+    .expect("event");
+    oncely::outbox::enqueue(conn, &event)
+        .await
+        .expect("enqueue");
+}
