@@ -279,3 +279,107 @@ async fn order_service_create(conn: &mut Conn, h: &Harness, n: usize) {
         .await
         .expect("enqueue");
 }
+
+#[oncely::handler(consumer = "billing")]
+async fn flaky_then_fine(conn: &mut Conn, msg: Envelope<OrderCreated>) -> Result<(), HandlerError> {
+    if msg.metadata.attempt < 2 {
+        return Err(HandlerError::retryable(
+            "gateway_down",
+            "first attempt fails",
+        ));
+    }
+    create_invoice::call(conn, msg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_declare_consume_retry_dead_letter_and_replay() {
+    let base = Harness::new(&[]).await;
+    // The same names as a quorum topology: its own exchange and queues.
+    let tiers = vec![Duration::from_millis(100)];
+    let topology = oncely::Topology::new(
+        format!("{}.quorum", base.topology.exchange()),
+        format!("{}.quorum", base.topology.queue()),
+    )
+    .bind(billing::ORDER_CREATED_V1)
+    .queue_type(oncely::QueueType::Quorum)
+    .retry_tiers(&tiers);
+    topology
+        .declare(&base.connection)
+        .await
+        .expect("declare quorum topology");
+    topology
+        .declare(&base.connection)
+        .await
+        .expect("declaring twice is a no-op");
+
+    let publish = |o: OrderCreated| {
+        let exchange = topology.exchange().to_owned();
+        let publisher = base.publisher.clone();
+        async move {
+            billing::publish_order(&publisher, &exchange, &o)
+                .await
+                .expect("publish");
+        }
+    };
+    // Retry through the delay queue, then success.
+    let running = base.start(quorum_consumer(&base, &topology, &tiers, flaky_then_fine));
+    publish(order(&base.name, 1)).await;
+    running
+        .wait_for_stats("processed after one retry", |s| {
+            s.processed == 1 && s.retried == 1
+        })
+        .await;
+    running.stop().await.expect("stop");
+
+    // Dead-letter, then replay after the fix.
+    let mut bad = order(&base.name, 2);
+    bad.currency = "rupiah".to_owned();
+    let strict = base.start(quorum_consumer(&base, &topology, &tiers, create_invoice));
+    publish(bad.clone()).await;
+    strict
+        .wait_for_stats("dead-lettered", |s| s.dead_lettered == 1)
+        .await;
+    strict.stop().await.expect("stop");
+    assert_eq!(base.queue_len(&topology.dlq()).await, 1);
+    let fixed = base.start(quorum_consumer(
+        &base,
+        &topology,
+        &tiers,
+        invoice_any_currency,
+    ));
+    let replay = oncely(&base, &["dlq", "replay", topology.queue()]).await;
+    assert_eq!(replay.code, Some(0), "{}", replay.stderr);
+    fixed
+        .wait_for_stats("replayed and processed", |s| s.processed == 1)
+        .await;
+    fixed.stop().await.expect("stop");
+    assert_eq!(base.invoices().await, 2);
+
+    let channel = base.connection.create_channel().await.expect("channel");
+    let mut queues = vec![
+        topology.queue().to_owned(),
+        topology.dlq(),
+        topology.parking(),
+    ];
+    queues.extend(topology.retry_queue(0));
+    for q in queues {
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(topology.exchange().into(), Default::default())
+        .await;
+}
+
+fn quorum_consumer<H: oncely::Handler>(
+    base: &Harness,
+    topology: &oncely::Topology,
+    tiers: &[Duration],
+    handler: H,
+) -> oncely::Consumer {
+    base.consumer(handler)
+        .topology(topology.clone())
+        .retry_policy(oncely::RetryPolicy::new(3, tiers.to_vec()))
+        .build()
+}
