@@ -311,6 +311,20 @@ async fn quorum_queues_declare_consume_retry_dead_letter_and_replay() {
         .declare(&base.connection)
         .await
         .expect("declaring twice is a no-op");
+    let listed = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "type", "-q", "--no-table-headers"])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for q in [topology.queue().to_owned(), topology.dlq()] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == [q.as_str(), "quorum"]),
+            "{q} is a quorum queue:\n{listed}"
+        );
+    }
 
     let publish = |o: OrderCreated| {
         let exchange = topology.exchange().to_owned();
