@@ -232,6 +232,19 @@ impl Harness {
         panic!("cannot count invoices");
     }
 
+    /// Order ids of the invoices, in the order they were created.
+    pub async fn invoice_order(&self) -> Vec<String> {
+        use diesel::prelude::*;
+        use diesel_async::RunQueryDsl;
+        let mut conn = self.pool.get().await.expect("connection");
+        billing::invoices::table
+            .order(billing::invoices::invoice_id)
+            .select(billing::invoices::order_id)
+            .load(&mut conn)
+            .await
+            .expect("invoices")
+    }
+
     /// Messages the inbox holds as processed for the billing consumer.
     pub async fn processed(&self) -> i64 {
         for _ in 0..5 {

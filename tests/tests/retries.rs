@@ -234,3 +234,57 @@ async fn handler_past_its_timeout_is_cancelled_rolled_back_and_retried() {
     .await;
     running.stop().await.expect("stop");
 }
+
+#[oncely::handler(consumer = "billing")]
+async fn first_order_flaky(
+    conn: &mut AsyncPgConnection,
+    msg: Envelope<OrderCreated>,
+) -> Result<(), HandlerError> {
+    if msg.payload.order_id.ends_with("-0") && msg.metadata.attempt < 3 {
+        return Err(HandlerError::retryable("gateway_down", "try again"));
+    }
+    create_invoice::call(conn, msg).await
+}
+
+async fn invoice_order_after_a_retry(strict: bool) -> Vec<String> {
+    let h = Harness::new(&tiers()).await;
+    for n in 0..3 {
+        h.publish_order(&order(&h.name, n)).await;
+    }
+    let builder = h
+        .consumer(first_order_flaky)
+        .retry_policy(RetryPolicy::new(5, tiers()));
+    let running = h.start(
+        if strict {
+            builder.strict_order()
+        } else {
+            builder
+        }
+        .build(),
+    );
+    running
+        .wait_for_stats("all processed", |s| s.processed == 3)
+        .await;
+    assert_eq!(running.stats().retried, 2);
+    running.stop().await.expect("stop");
+    let name = h.name.clone();
+    h.invoice_order()
+        .await
+        .into_iter()
+        .map(|id| id.trim_start_matches(&format!("{name}-")).to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_order_keeps_queue_order_through_retries_and_the_default_does_not() {
+    assert_eq!(
+        invoice_order_after_a_retry(true).await,
+        ["0", "1", "2"],
+        "strict: nothing overtakes the retrying order"
+    );
+    // Default (concurrency 8, delay-queue retries): 1 and 2 run side by side, in either order,
+    // and both go ahead of 0 while it waits in the delay queue.
+    let default = invoice_order_after_a_retry(false).await;
+    assert_eq!(default.len(), 3);
+    assert_eq!(default[2], "0", "later orders went ahead: {default:?}");
+}

@@ -87,6 +87,10 @@ pub struct ConsumerOptions {
     pub requeue_delay: Duration,
     /// Longest wait for in-flight deliveries at shutdown. Default 30 s.
     pub shutdown_timeout: Duration,
+    /// Retry on the same delivery (wait, then run again) instead of through the delay queues,
+    /// so that with concurrency 1 and prefetch 1 no later message overtakes a retrying one.
+    /// Default false.
+    pub retry_in_place: bool,
     /// Test hook; `None` in production.
     pub fault_injection: Option<FaultInjection>,
 }
@@ -115,6 +119,7 @@ impl ConsumerOptions {
             },
             requeue_delay: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
+            retry_in_place: false,
             fault_injection: None,
         }
     }
@@ -371,14 +376,33 @@ async fn handle_delivery(
                 crate::properties::read_attempt(&delivery.properties),
                 None,
             ),
-            Ok(metadata) => {
+            Ok(mut metadata) => {
                 tracing::Span::current().record("attempt", metadata.attempt);
-                let attempt = metadata.attempt;
-                let processed = shared
+                let mut processed = shared
                     .processor
                     .process(metadata.clone(), &delivery.data)
                     .await;
-                (processed, attempt, Some(metadata))
+                // Strict order: retry on this very delivery, so no later message overtakes it.
+                while options.retry_in_place
+                    && let Processed::Decision(Decision::Retry {
+                        delay,
+                        next_attempt,
+                        reason,
+                        ..
+                    }) = &processed
+                {
+                    let (delay, next_attempt) = (*delay, *next_attempt);
+                    tracing::info!(code = %reason.code, reason = %reason.message, ?delay, next_attempt, "retrying in place");
+                    ConsumerStats::bump(&shared.stats.retried);
+                    tokio::time::sleep(delay).await;
+                    metadata.attempt = next_attempt;
+                    tracing::Span::current().record("attempt", metadata.attempt);
+                    processed = shared
+                        .processor
+                        .process(metadata.clone(), &delivery.data)
+                        .await;
+                }
+                (processed, metadata.attempt, Some(metadata))
             }
         };
         if let (Some(fault), Some(metadata)) = (&options.fault_injection, &metadata)

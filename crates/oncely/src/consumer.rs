@@ -58,6 +58,7 @@ impl Consumer {
             requeue_delay: None,
             shutdown_timeout: None,
             fault_injection: None,
+            retry_in_place: false,
         }
     }
 
@@ -164,6 +165,7 @@ pub struct ConsumerBuilder<H> {
     requeue_delay: Option<Duration>,
     shutdown_timeout: Option<Duration>,
     fault_injection: Option<FaultInjection>,
+    retry_in_place: bool,
 }
 
 impl<H> std::fmt::Debug for ConsumerBuilder<H> {
@@ -252,6 +254,22 @@ impl<H: Handler> ConsumerBuilder<H> {
         self
     }
 
+    /// Strict per-queue order: concurrency 1, prefetch 1, and retries on the same delivery
+    /// (wait the tier's delay, run again) instead of through the delay queues, so no later
+    /// message overtakes an earlier one.
+    ///
+    /// The cost: one message at a time (a transaction's round trips per message), and a message
+    /// that is being retried holds up the whole queue for its delays. Once its attempts are used
+    /// up it is dead-lettered and the queue moves on: order holds among processed messages, and
+    /// the dead-lettered one is out of it until replayed. Infrastructure failures give the message
+    /// back to the head of the queue, which keeps the order.
+    pub fn strict_order(mut self) -> Self {
+        self.concurrency = Some(1);
+        self.prefetch = Some(1);
+        self.retry_in_place = true;
+        self
+    }
+
     /// Test hook that simulates a crash between commit and ack.
     #[doc(hidden)]
     pub fn fault_injection(mut self, fault: FaultInjection) -> Self {
@@ -272,6 +290,7 @@ impl<H: Handler> ConsumerBuilder<H> {
             options.connection_name = v;
         }
         options.fault_injection = self.fault_injection;
+        options.retry_in_place = self.retry_in_place;
         if let Some(v) = self.prefetch {
             options.prefetch = v;
         }
