@@ -38,6 +38,7 @@ pub struct Topology {
     routing_keys: Vec<String>,
     queue_type: QueueType,
     retry_tiers: Vec<Duration>,
+    delivery_limit: Option<u32>,
 }
 
 impl Topology {
@@ -49,7 +50,16 @@ impl Topology {
             routing_keys: Vec::new(),
             queue_type: QueueType::Classic,
             retry_tiers: Vec::new(),
+            delivery_limit: None,
         }
+    }
+
+    /// Quorum queues only: the broker dead-letters a message to `Q.dlq` after this many
+    /// deliveries, whatever the consumer does; the guard against a message that crashes the
+    /// consumer process before oncely can dead-letter it.
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
     }
 
     /// Binds the queue with `routing_key` (topic patterns allowed).
@@ -83,6 +93,49 @@ impl Topology {
     /// Routing keys `Q` is bound with.
     pub fn routing_keys(&self) -> &[String] {
         &self.routing_keys
+    }
+
+    /// Every queue of the topology: `Q`, its delay queues, `Q.dlq`, `Q.parking`.
+    pub fn queues(&self) -> Vec<String> {
+        let mut all = vec![self.queue.clone()];
+        all.extend((0..self.retry_tiers.len()).filter_map(|i| self.retry_queue(i)));
+        all.push(self.dlq());
+        all.push(self.parking());
+        all
+    }
+
+    /// Reports, changing nothing, which queues are missing and which exist with other arguments
+    /// than this topology declares. Bindings cannot be listed over AMQP: `declare` ensures them.
+    pub async fn check(&self, connection: &Connection) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for name in self.queues() {
+            let channel = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::durable()
+            };
+            if channel
+                .queue_declare(short("queue", &name)?, passive, FieldTable::default())
+                .await
+                .is_err()
+            {
+                problems.push(format!("queue {name} is missing"));
+                continue;
+            }
+            // It exists: declaring it with our arguments changes nothing when they match and is
+            // refused (406, naming the argument) when they do not.
+            let channel = connection.create_channel().await?;
+            match self
+                .declare_queue(&channel, &name, self.args_of(&name))
+                .await
+            {
+                Err(e) => problems.push(e.to_string()),
+                Ok(()) => {
+                    let _ = channel.close(200, "checked".into()).await;
+                }
+            }
+        }
+        Ok(problems)
     }
 
     /// The delay tiers.
@@ -135,7 +188,7 @@ impl Topology {
             .await
             .map_err(|e| declare_error(&self.exchange, e))?;
 
-        self.declare_queue(channel, &self.queue, self.type_args())
+        self.declare_queue(channel, &self.queue, self.queue_args())
             .await?;
         for key in &self.routing_keys {
             channel
@@ -149,26 +202,64 @@ impl Topology {
                 .await
                 .map_err(|e| declare_error(&format!("{} -> {key}", self.queue), e))?;
         }
-        for (index, tier) in self.retry_tiers.iter().enumerate() {
+        for index in 0..self.retry_tiers.len() {
             let name = self.retry_queue(index).unwrap_or_default();
-            let mut args = FieldTable::default();
-            let ttl = i32::try_from(tier.as_millis()).unwrap_or(i32::MAX);
-            args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(LongString::from("")),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(LongString::from(self.queue.as_str())),
-            );
-            self.declare_queue(channel, &name, args).await?;
+            self.declare_queue(channel, &name, self.retry_args(index))
+                .await?;
         }
         self.declare_queue(channel, &self.dlq(), self.type_args())
             .await?;
         self.declare_queue(channel, &self.parking(), self.type_args())
             .await?;
         Ok(())
+    }
+
+    fn queue_args(&self) -> FieldTable {
+        let mut args = self.type_args();
+        if let Some(limit) = self
+            .delivery_limit
+            .filter(|_| self.queue_type == QueueType::Quorum)
+        {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(i32::try_from(limit).unwrap_or(i32::MAX)),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from("")),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(LongString::from(self.dlq().as_str())),
+            );
+        }
+        args
+    }
+
+    fn retry_args(&self, index: usize) -> FieldTable {
+        let mut args = FieldTable::default();
+        let tier = self.retry_tiers.get(index).copied().unwrap_or_default();
+        let ttl = i32::try_from(tier.as_millis()).unwrap_or(i32::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(self.queue.as_str())),
+        );
+        args
+    }
+
+    fn args_of(&self, name: &str) -> FieldTable {
+        if name == self.queue {
+            return self.queue_args();
+        }
+        match (0..self.retry_tiers.len()).find(|i| self.retry_queue(*i).as_deref() == Some(name)) {
+            Some(index) => self.retry_args(index),
+            None => self.type_args(),
+        }
     }
 
     fn type_args(&self) -> FieldTable {

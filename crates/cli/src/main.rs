@@ -1,11 +1,13 @@
 //! `oncely`: operate oncely consumers and outboxes.
 //!
-//! Exit codes: 0 success; 1 failure (a service unreachable, a query failed); 2 bad usage;
-//! 3 refused (e.g. the migration is already in the target directory).
+//! Exit codes: 0 success; 1 failure (a service unreachable, a query failed, a bad configuration
+//! file); 2 bad usage; 3 refused (e.g. the migration is already in the target directory);
+//! 4 `topology check` found missing or mismatched queues.
 
 mod dlq;
 mod migrations;
 mod stats;
+mod topology;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -43,6 +45,9 @@ enum Command {
     /// Write oncely's tables into your service's Diesel migrations.
     #[command(subcommand)]
     Migrations(MigrationsCommand),
+    /// Declare or check the queues of the consumers in a configuration file.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
     /// Inspect and replay dead letters and parked messages.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -68,6 +73,30 @@ enum MigrationsCommand {
         /// The outbox table (`outbox_message`).
         #[arg(long)]
         outbox: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologyCommand {
+    /// Declare every consumer's exchange, queue, bindings, delay queues, DLQ and parking lot
+    /// (idempotent; a conflicting queue is reported with the differing argument).
+    Declare {
+        /// The configuration file.
+        #[arg(long, default_value = "oncely.toml")]
+        config: std::path::PathBuf,
+        /// Only this consumer.
+        #[arg(long)]
+        consumer: Option<String>,
+    },
+    /// Report missing queues and queues with other arguments than configured, changing
+    /// nothing. Exit code 4 when there is something to report.
+    Check {
+        /// The configuration file.
+        #[arg(long, default_value = "oncely.toml")]
+        config: std::path::PathBuf,
+        /// Only this consumer.
+        #[arg(long)]
+        consumer: Option<String>,
     },
 }
 
@@ -146,6 +175,18 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// `topology check` found differences.
+#[derive(Debug)]
+pub(crate) struct Mismatch(pub usize);
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} problem(s) found", self.0)
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -153,6 +194,12 @@ async fn main() -> ExitCode {
         Command::Migrations(MigrationsCommand::Generate { dir, inbox, outbox }) => {
             let both = !inbox && !outbox;
             migrations::generate(&dir, inbox || both, outbox || both)
+        }
+        Command::Topology(TopologyCommand::Declare { config, consumer }) => {
+            topology::declare(&config, consumer.as_deref()).await
+        }
+        Command::Topology(TopologyCommand::Check { config, consumer }) => {
+            topology::check(&config, consumer.as_deref()).await
         }
         Command::Dlq(DlqCommand::List { queue, last, from }) => {
             dlq::list(&cli.amqp_url, &queue, from, last).await
@@ -176,6 +223,10 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Mismatch>().is_some() => {
+            eprintln!("oncely: {e}");
+            ExitCode::from(4)
+        }
         Err(e) if e.downcast_ref::<Refused>().is_some() => {
             eprintln!("oncely: refused: {e}");
             ExitCode::from(3)

@@ -397,3 +397,95 @@ fn quorum_consumer<H: oncely::Handler>(
         .retry_policy(oncely::RetryPolicy::new(3, tiers.to_vec()))
         .build()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_check_and_declare_follow_the_configuration_file() {
+    let h = Harness::new(&[]).await;
+    let queue = format!("{}.cfg.q", h.name);
+    let exchange = format!("{}.cfg", h.topology.exchange());
+    let config = |extra: &str| {
+        format!(
+            "[consumers.billing]\nqueue = \"{queue}\"\nexchange = \"{exchange}\"\nbindings = [\"order.created.v1\"]\nretry_tiers = [\"1s\", \"5s\"]\nmax_attempts = 3\n{extra}"
+        )
+    };
+    let dir = std::env::temp_dir().join(format!("{}-config", h.name));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write config");
+        path.to_string_lossy().into_owned()
+    };
+    let good = write("good.toml", config(""));
+
+    let before = oncely(&h, &["topology", "check", "--config", &good]).await;
+    assert_eq!(
+        before.code,
+        Some(4),
+        "missing queues are reported: {}",
+        before.stdout
+    );
+    assert!(
+        before.stdout.contains(&format!("queue {queue} is missing")),
+        "{}",
+        before.stdout
+    );
+    assert!(
+        before
+            .stdout
+            .contains(&format!("queue {queue}.retry.5s is missing")),
+        "{}",
+        before.stdout
+    );
+
+    let declared = oncely(&h, &["topology", "declare", "--config", &good]).await;
+    assert_eq!(declared.code, Some(0), "{}", declared.stderr);
+    let after = oncely(&h, &["topology", "check", "--config", &good]).await;
+    assert_eq!(after.code, Some(0), "{}{}", after.stdout, after.stderr);
+    assert!(
+        after.stdout.contains("all 5 queues as configured"),
+        "{}",
+        after.stdout
+    );
+
+    let quorum = write("quorum.toml", config("queue_type = \"quorum\""));
+    let mismatch = oncely(&h, &["topology", "check", "--config", &quorum]).await;
+    assert_eq!(mismatch.code, Some(4));
+    assert!(
+        mismatch.stdout.contains("x-queue-type"),
+        "names the differing argument: {}",
+        mismatch.stdout
+    );
+    let again = oncely(&h, &["topology", "check", "--config", &good]).await;
+    assert_eq!(
+        again.code,
+        Some(0),
+        "check changed nothing: {}",
+        again.stdout
+    );
+
+    let bad = write("bad.toml", config("prefetch = 0"));
+    let refused = oncely(&h, &["topology", "declare", "--config", &bad]).await;
+    assert_eq!(refused.code, Some(1));
+    assert!(
+        refused.stderr.contains("consumers.billing.prefetch"),
+        "names the key: {}",
+        refused.stderr
+    );
+
+    let channel = h.connection.create_channel().await.expect("channel");
+    for q in [
+        queue.clone(),
+        format!("{queue}.retry.1s"),
+        format!("{queue}.retry.5s"),
+        format!("{queue}.dlq"),
+        format!("{queue}.parking"),
+    ] {
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -270,6 +270,23 @@ impl<H: Handler> ConsumerBuilder<H> {
         self
     }
 
+    /// Applies a consumer's settings from the configuration file: topology, retry policy,
+    /// prefetch, concurrency, handler timeout and strict order.
+    pub fn configure(mut self, settings: &crate::config::ConsumerSettings) -> Self {
+        self = self
+            .topology(settings.topology.clone())
+            .retry_policy(settings.retry_policy.clone())
+            .prefetch(settings.prefetch)
+            .concurrency(settings.concurrency);
+        if let Some(timeout) = settings.handler_timeout {
+            self = self.handler_timeout(timeout);
+        }
+        if settings.strict_order {
+            self = self.strict_order();
+        }
+        self
+    }
+
     /// Test hook that simulates a crash between commit and ack.
     #[doc(hidden)]
     pub fn fault_injection(mut self, fault: FaultInjection) -> Self {

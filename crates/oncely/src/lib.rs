@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod config;
 mod consumer;
 mod handler;
 mod shutdown;

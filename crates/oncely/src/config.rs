@@ -1,0 +1,490 @@
+//! One TOML file (with environment overrides) for connections and consumers.
+//!
+//! ```toml
+//! [connections]
+//! amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+//! database_url = "postgres://postgres@127.0.0.1:5432/oncely"
+//!
+//! [consumers.billing]
+//! queue = "billing.order-events.q"
+//! exchange = "order.events"
+//! bindings = ["order.created.v1"]
+//! prefetch = 32
+//! concurrency = 8
+//! queue_type = "quorum"        # or "classic"
+//! delivery_limit = 20          # quorum only: broker-side poison guard
+//! max_attempts = 5
+//! retry_tiers = ["1s", "10s", "1m"]
+//! handler_timeout = "30s"
+//! max_delay = "1h"
+//! strict_order = false
+//! ```
+//!
+//! Environment overrides: `AMQP_URL` and `DATABASE_URL` for the connections, and
+//! `ONCELY_<CONSUMER>_<KEY>` for a consumer's key (`ONCELY_BILLING_CONCURRENCY=4`; the consumer
+//! name upper-cased, other characters than letters and digits as `_`). Every error names the key
+//! (or variable) at fault.
+
+use crate::{QueueType, RetryPolicy, Topology};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's text, with line and column.
+        message: String,
+    },
+    /// A key has a bad value, is unknown, or is missing.
+    #[error("{key}: {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `consumers.billing.prefetch`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// No consumer of that name.
+    #[error("no [consumers.{0}] section")]
+    NoSuchConsumer(String),
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    connections: RawConnections,
+    #[serde(default)]
+    consumers: BTreeMap<String, RawConsumer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    amqp_url: Option<String>,
+    database_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    queue: String,
+    exchange: String,
+    #[serde(default)]
+    bindings: Vec<String>,
+    prefetch: Option<u16>,
+    concurrency: Option<usize>,
+    queue_type: Option<String>,
+    delivery_limit: Option<u32>,
+    max_attempts: Option<u32>,
+    retry_tiers: Option<Vec<String>>,
+    handler_timeout: Option<String>,
+    max_delay: Option<String>,
+    #[serde(default)]
+    strict_order: bool,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connections {
+    /// RabbitMQ URL.
+    pub amqp_url: String,
+    /// PostgreSQL URL.
+    pub database_url: String,
+}
+
+/// One consumer's settings, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSettings {
+    /// Its name (the section's).
+    pub name: String,
+    /// Queue, exchange, bindings, queue type, delivery limit and delay tiers.
+    pub topology: Topology,
+    /// Prefetch.
+    pub prefetch: u16,
+    /// Concurrency.
+    pub concurrency: usize,
+    /// Attempts and delay tiers.
+    pub retry_policy: RetryPolicy,
+    /// Handler timeout.
+    pub handler_timeout: Option<Duration>,
+    /// Longest delay of a delayed publish.
+    pub max_delay: Option<Duration>,
+    /// Strict per-queue order.
+    pub strict_order: bool,
+}
+
+/// The whole file, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Connections.
+    pub connections: Connections,
+    /// Consumers by name.
+    pub consumers: BTreeMap<String, ConsumerSettings>,
+}
+
+impl Config {
+    /// Reads `path`, applies the process environment, checks everything.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&path.display().to_string(), &text, |k| {
+            std::env::var(k).ok()
+        })
+    }
+
+    /// Parses `text` (named `origin` in errors) with `env` as the environment.
+    pub fn parse(
+        origin: &str,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, &env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+        let connections = Connections {
+            amqp_url: env("AMQP_URL")
+                .or(raw.connections.amqp_url)
+                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            database_url: env("DATABASE_URL")
+                .or(raw.connections.database_url)
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/oncely".to_owned()),
+        };
+        let consumers = raw
+            .consumers
+            .into_iter()
+            .map(|(name, c)| check_consumer(&name, c).map(|s| (name, s)))
+            .collect::<Result<_, _>>()?;
+        Ok(Config {
+            connections,
+            consumers,
+        })
+    }
+
+    /// The settings of consumer `name`.
+    pub fn consumer(&self, name: &str) -> Result<&ConsumerSettings, ConfigError> {
+        self.consumers
+            .get(name)
+            .ok_or_else(|| ConfigError::NoSuchConsumer(name.to_owned()))
+    }
+}
+
+fn env_prefix(consumer: &str) -> String {
+    let upper: String = consumer
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("ONCELY_{upper}_")
+}
+
+const CONSUMER_KEYS: [&str; 12] = [
+    "queue",
+    "exchange",
+    "bindings",
+    "prefetch",
+    "concurrency",
+    "queue_type",
+    "delivery_limit",
+    "max_attempts",
+    "retry_tiers",
+    "handler_timeout",
+    "max_delay",
+    "strict_order",
+];
+
+/// `ONCELY_<CONSUMER>_<KEY>` values, read as TOML values (`4`, `true`, `["1s"]`) or as strings.
+fn apply_env(
+    table: &mut toml::Table,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let Some(toml::Value::Table(consumers)) = table.get_mut("consumers") else {
+        return Ok(());
+    };
+    for (name, section) in consumers.iter_mut() {
+        let toml::Value::Table(section) = section else {
+            continue;
+        };
+        for key in CONSUMER_KEYS {
+            let var = format!("{}{}", env_prefix(name), key.to_ascii_uppercase());
+            if let Some(raw) = env(&var) {
+                let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .unwrap_or(toml::Value::String(raw));
+                section.insert(key.to_owned(), value);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration ({e}); write e.g. \"30s\" or \"5m\""),
+        )
+    })
+}
+
+fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, ConfigError> {
+    let key = |k: &str| format!("consumers.{name}.{k}");
+    for (k, v) in [("queue", &raw.queue), ("exchange", &raw.exchange)] {
+        if v.trim().is_empty() || v.len() > 255 {
+            return Err(invalid(key(k), "must be 1 to 255 bytes"));
+        }
+    }
+    let prefetch = raw.prefetch.unwrap_or(32);
+    if prefetch == 0 {
+        return Err(invalid(
+            key("prefetch"),
+            "must be at least 1 (0 would mean unlimited)",
+        ));
+    }
+    let concurrency = raw.concurrency.unwrap_or(8);
+    if concurrency == 0 {
+        return Err(invalid(key("concurrency"), "must be at least 1"));
+    }
+    let queue_type = match raw.queue_type.as_deref().unwrap_or("classic") {
+        "classic" => QueueType::Classic,
+        "quorum" => QueueType::Quorum,
+        other => {
+            return Err(invalid(
+                key("queue_type"),
+                format!("{other:?} is neither \"classic\" nor \"quorum\""),
+            ));
+        }
+    };
+    if raw.delivery_limit.is_some() && queue_type != QueueType::Quorum {
+        return Err(invalid(
+            key("delivery_limit"),
+            "only quorum queues support x-delivery-limit; set queue_type = \"quorum\"",
+        ));
+    }
+    let tiers = match &raw.retry_tiers {
+        Some(tiers) => tiers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| duration(&format!("{}[{i}]", key("retry_tiers")), t))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => RetryPolicy::default().tiers().to_vec(),
+    };
+    let max_attempts = raw
+        .max_attempts
+        .unwrap_or(RetryPolicy::default().max_attempts());
+    let retry_policy = RetryPolicy::try_new(max_attempts, tiers.clone()).map_err(|e| {
+        let k = if max_attempts == 0 {
+            "max_attempts"
+        } else {
+            "retry_tiers"
+        };
+        invalid(key(k), e.to_string())
+    })?;
+    let handler_timeout = raw
+        .handler_timeout
+        .as_deref()
+        .map(|t| duration(&key("handler_timeout"), t))
+        .transpose()?;
+    let max_delay = raw
+        .max_delay
+        .as_deref()
+        .map(|t| duration(&key("max_delay"), t))
+        .transpose()?;
+    let mut topology = Topology::new(raw.exchange, raw.queue)
+        .queue_type(queue_type)
+        .retry_tiers(&tiers);
+    for binding in raw.bindings {
+        topology = topology.bind(binding);
+    }
+    if let Some(limit) = raw.delivery_limit {
+        topology = topology.delivery_limit(limit);
+    }
+    Ok(ConsumerSettings {
+        name: name.to_owned(),
+        topology,
+        prefetch,
+        concurrency,
+        retry_policy,
+        handler_timeout,
+        max_delay,
+        strict_order: raw.strict_order,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [connections]
+        amqp_url = "amqp://u:p@rabbit:5672/%2f"
+
+        [consumers.billing]
+        queue = "billing.order-events.q"
+        exchange = "order.events"
+        bindings = ["order.created.v1"]
+        queue_type = "quorum"
+        delivery_limit = 20
+        max_attempts = 4
+        retry_tiers = ["1s", "30s"]
+        handler_timeout = "15s"
+    "#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("test.toml", text, no_env)
+    }
+
+    fn error_key(text: &str) -> String {
+        match parse(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_consumer_section_is_read_and_checked() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.connections.amqp_url, "amqp://u:p@rabbit:5672/%2f");
+        assert_eq!(
+            c.connections.database_url,
+            "postgres://postgres@127.0.0.1:5432/oncely"
+        );
+        let b = c.consumer("billing").expect("billing");
+        assert_eq!(b.topology.queue(), "billing.order-events.q");
+        assert_eq!(b.topology.routing_keys(), ["order.created.v1"]);
+        assert_eq!(
+            b.topology.tiers(),
+            [Duration::from_secs(1), Duration::from_secs(30)]
+        );
+        assert_eq!(b.retry_policy.max_attempts(), 4);
+        assert_eq!(b.handler_timeout, Some(Duration::from_secs(15)));
+        assert_eq!((b.prefetch, b.concurrency, b.strict_order), (32, 8, false));
+        assert!(matches!(
+            c.consumer("nobody"),
+            Err(ConfigError::NoSuchConsumer(_))
+        ));
+    }
+
+    #[test]
+    fn environment_overrides_connections_and_consumer_keys() {
+        let env = |k: &str| match k {
+            "DATABASE_URL" => Some("postgres://elsewhere/db".to_owned()),
+            "ONCELY_BILLING_CONCURRENCY" => Some("3".to_owned()),
+            "ONCELY_BILLING_RETRY_TIERS" => Some(r#"["5s"]"#.to_owned()),
+            "ONCELY_BILLING_HANDLER_TIMEOUT" => Some("2m".to_owned()),
+            _ => None,
+        };
+        let c = Config::parse("t", GOOD, env).expect("valid");
+        let b = c.consumer("billing").expect("billing");
+        assert_eq!(c.connections.database_url, "postgres://elsewhere/db");
+        assert_eq!(b.concurrency, 3);
+        assert_eq!(b.topology.tiers(), [Duration::from_secs(5)]);
+        assert_eq!(b.handler_timeout, Some(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        let section = "[consumers.billing]\nqueue = \"q\"\nexchange = \"e\"\n";
+        assert_eq!(
+            error_key(&format!("{section}prefetch = \"lots\"")),
+            "consumers.billing.prefetch"
+        );
+        assert_eq!(
+            error_key(&format!("{section}prefetch = 0")),
+            "consumers.billing.prefetch"
+        );
+        assert_eq!(
+            error_key(&format!("{section}concurrency = 0")),
+            "consumers.billing.concurrency"
+        );
+        assert_eq!(
+            error_key(&format!("{section}prefetc = 3")),
+            "consumers.billing.prefetc"
+        );
+        assert_eq!(
+            error_key(&format!("{section}queue_type = \"lazy\"")),
+            "consumers.billing.queue_type"
+        );
+        assert_eq!(
+            error_key(&format!("{section}delivery_limit = 5")),
+            "consumers.billing.delivery_limit"
+        );
+        assert_eq!(
+            error_key(&format!("{section}retry_tiers = [\"1s\", \"soon\"]")),
+            "consumers.billing.retry_tiers[1]"
+        );
+        assert_eq!(
+            error_key(&format!("{section}retry_tiers = [\"1s\", \"1s\"]")),
+            "consumers.billing.retry_tiers"
+        );
+        assert_eq!(
+            error_key(&format!("{section}max_attempts = 0")),
+            "consumers.billing.max_attempts"
+        );
+        assert_eq!(
+            error_key(&format!("{section}handler_timeout = \"x\"")),
+            "consumers.billing.handler_timeout"
+        );
+        assert_eq!(
+            error_key("[consumers.billing]\nexchange = \"e\""),
+            "consumers.billing"
+        );
+        assert_eq!(error_key("[connection]\namqp_url = \"x\""), "connection");
+    }
+
+    #[test]
+    fn unknown_key_error_says_which_key() {
+        let err = parse("[consumers.billing]\nqueue = \"q\"\nexchange = \"e\"\nprefetc = 3")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field `prefetc`"), "{err}");
+    }
+
+    #[test]
+    fn broken_toml_is_a_syntax_error_with_its_position() {
+        match parse("[consumers.billing\nqueue = 1") {
+            Err(ConfigError::Syntax { message, .. }) => {
+                assert!(message.contains("line 1"), "{message}")
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+    }
+}
