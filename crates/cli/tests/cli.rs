@@ -489,3 +489,60 @@ async fn topology_check_and_declare_follow_the_configuration_file() {
         .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_delivery_limit_dead_letters_a_message_that_keeps_coming_back() {
+    use oncely::lapin::options::{BasicGetOptions, BasicNackOptions};
+    let h = Harness::new(&[]).await;
+    let topology = oncely::Topology::new(
+        format!("{}.limit", h.topology.exchange()),
+        format!("{}.limit", h.topology.queue()),
+    )
+    .bind(billing::ORDER_CREATED_V1)
+    .queue_type(oncely::QueueType::Quorum)
+    .delivery_limit(2);
+    topology.declare(&h.connection).await.expect("declare");
+    billing::publish_order(&h.publisher, topology.exchange(), &order(&h.name, 1))
+        .await
+        .expect("publish");
+    // A consumer that dies before settling: the message goes back again and again.
+    let channel = h.connection.create_channel().await.expect("channel");
+    let mut deliveries = 0;
+    while let Some(m) = channel
+        .basic_get(topology.queue().into(), BasicGetOptions::default())
+        .await
+        .expect("get")
+    {
+        deliveries += 1;
+        m.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .expect("nack");
+        assert!(
+            deliveries <= 5,
+            "the broker should have stopped redelivering"
+        );
+    }
+    wait_until(
+        "dead-lettered by the broker",
+        Duration::from_secs(10),
+        || async { h.queue_len(&topology.dlq()).await == 1 },
+    )
+    .await;
+    assert!(
+        deliveries >= 2,
+        "delivered up to the limit first ({deliveries})"
+    );
+    for q in topology.queues() {
+        let _ = channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(topology.exchange().into(), Default::default())
+        .await;
+}

@@ -48,6 +48,9 @@ enum Command {
         /// Queue to consume.
         #[arg(long, default_value = billing::QUEUE)]
         queue: String,
+        /// Configuration file with a [consumers.billing] section (overrides the flags above).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
     },
     /// Publish orders (with duplicates and poison messages) to order.events.
     Publish {
@@ -99,9 +102,26 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             exchange,
             queue,
+            config,
         } => {
-            let topology = oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
-            let consumer = consumer(&cli.amqp_url, pool, concurrency, topology);
+            let consumer = match config {
+                Some(path) => {
+                    let config = oncely::config::Config::load(&path)?;
+                    let pool = oncely::connect_pool(
+                        &config.connections.database_url,
+                        &PoolOptions::default(),
+                    );
+                    Consumer::builder(create_invoice, Inbox::new(pool))
+                        .amqp_url(&config.connections.amqp_url)
+                        .configure(config.consumer(billing::CONSUMER)?)
+                        .build()
+                }
+                None => {
+                    let topology =
+                        oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
+                    consumer(&cli.amqp_url, pool, concurrency, topology)
+                }
+            };
             consumer.run(oncely::shutdown_signal()).await?;
             print_stats(&consumer.stats());
         }
