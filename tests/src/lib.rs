@@ -328,37 +328,35 @@ impl Harness {
     /// Terminates every PostgreSQL backend of this test's pool (as a database restart or a
     /// failover would). Returns how many were terminated.
     pub async fn terminate_database_connections(&self) -> i64 {
-        use diesel_async::{AsyncConnection, RunQueryDsl};
-        let mut admin =
-            diesel_async::AsyncPgConnection::establish(&oncely::testing::database_url())
-                .await
-                .expect("admin connection");
-        // The schema name is also the application name of the test's connections.
-        let sql = format!(
-            "(SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{}')",
-            self.schema.name()
-        );
-        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&sql))
-            .get_result::<i64>(&mut admin)
+        self.count_backends("count(pg_terminate_backend(pid))", "true")
             .await
-            .expect("terminate backends")
     }
 
     /// Backends of this test still running `pg_sleep`.
     pub async fn sleeping_backends(&self) -> i64 {
+        self.count_backends(
+            "count(*)",
+            "query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+        )
+        .await
+    }
+
+    /// `SELECT <aggregate> FROM pg_stat_activity` over this test's backends (the schema name is
+    /// also their application name), from an admin connection outside the test's pool.
+    async fn count_backends(&self, aggregate: &str, condition: &str) -> i64 {
         use diesel_async::{AsyncConnection, RunQueryDsl};
         let mut admin =
             diesel_async::AsyncPgConnection::establish(&oncely::testing::database_url())
                 .await
                 .expect("admin connection");
         let sql = format!(
-            "(SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND query LIKE 'SELECT pg_sleep%' AND state = 'active')",
+            "(SELECT {aggregate} FROM pg_stat_activity WHERE application_name = '{}' AND {condition})",
             self.schema.name()
         );
         diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&sql))
             .get_result::<i64>(&mut admin)
             .await
-            .expect("count sleeping backends")
+            .expect("query pg_stat_activity")
     }
 
     /// Closes, from the broker's side, every connection of this test's consumers (as

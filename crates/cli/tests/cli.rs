@@ -370,13 +370,7 @@ async fn quorum_queues_declare_consume_retry_dead_letter_and_replay() {
     assert_eq!(base.invoices().await, 2);
 
     let channel = base.connection.create_channel().await.expect("channel");
-    let mut queues = vec![
-        topology.queue().to_owned(),
-        topology.dlq(),
-        topology.parking(),
-    ];
-    queues.extend(topology.retry_queue(0));
-    for q in queues {
+    for q in topology.queues() {
         let _ = channel
             .queue_delete(q.as_str().into(), Default::default())
             .await;
