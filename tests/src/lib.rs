@@ -284,7 +284,7 @@ impl Harness {
             )
             .await
             .expect("queue exists");
-        let _ = channel.close(200, "done".into()).await;
+        oncely::close_channel(&channel, 200, "done").await;
         (q.message_count(), q.consumer_count())
     }
 
@@ -308,7 +308,7 @@ impl Harness {
                 body: delivery.data.clone(),
             });
         }
-        let _ = channel.close(200, "done".into()).await;
+        oncely::close_channel(&channel, 200, "done").await;
         out
     }
 
@@ -426,7 +426,7 @@ impl Drop for Harness {
                     .exchange_delete(t.exchange().into(), ExchangeDeleteOptions::default())
                     .await;
             }
-            let _ = conn.close(200, "cleanup".into()).await;
+            oncely::close_connection(&conn, 200, "cleanup").await;
         });
     }
 }

@@ -60,6 +60,20 @@ pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connecti
     }
 }
 
+/// How long a close waits for the broker's answer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `connection`, waiting at most 5 s for the broker: a close happens when the work is
+/// done or the connection is already in trouble, and must never turn into a hang.
+pub async fn close_connection(connection: &Connection, code: u16, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(code, reason.into())).await;
+}
+
+/// Closes `channel`, waiting at most 5 s for the broker.
+pub async fn close_channel(channel: &lapin::Channel, code: u16, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(code, reason.into())).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! The consumer runtime: take deliveries, hand them to a [`DeliveryProcessor`], apply the
 //! [`Decision`], and keep going through connection loss until asked to stop.
 
-use crate::connection::{Backoff, connect};
+use crate::connection::{Backoff, close_channel, close_connection, connect};
 use crate::error::{AmqpError, Result, short};
 use crate::properties::{CopyHeaders, copy_properties, raw_metadata};
 use crate::publisher::{ConfirmPublisher, OutgoingMessage};
@@ -257,13 +257,13 @@ impl ConsumerRuntime {
                         tracing::warn!(error = %e, "basic.cancel failed");
                     }
                     drain(&mut tasks, options.shutdown_timeout).await;
-                    let _ = session.channel.close(200, "shutdown".into()).await;
-                    let _ = session.connection.close(200, "shutdown".into()).await;
+                    close_channel(&session.channel, 200, "shutdown").await;
+                    close_connection(&session.connection, 200, "shutdown").await;
                     tracing::info!(consumer = %options.consumer_name, "stopped");
                     return Ok(());
                 }
                 LoopEnd::ConnectionLost => {
-                    let _ = session.connection.close(320, "reconnecting".into()).await;
+                    close_connection(&session.connection, 320, "reconnecting").await;
                     let delay = options.reconnect.delay(0);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -410,10 +410,7 @@ async fn handle_delivery(
             && (fault.crash_after_commit)(metadata)
         {
             tracing::warn!("fault injection: closing the connection after commit, before the ack");
-            let _ = session
-                .connection
-                .close(320, "fault injection: crash after commit".into())
-                .await;
+            close_connection(&session.connection, 320, "fault injection: crash after commit").await;
             return;
         }
         settle(&shared, &session, &delivery, processed, attempt, permit).await;

@@ -22,7 +22,7 @@ mod publisher;
 mod stats;
 mod topology;
 
-pub use connection::{Backoff, connect};
+pub use connection::{Backoff, close_channel, close_connection, connect};
 pub use consumer::{
     ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,
 };

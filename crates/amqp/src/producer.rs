@@ -188,7 +188,7 @@ impl Publisher {
                 args,
             )
             .await;
-        let _ = channel.close(200, "declared".into()).await;
+        crate::close_channel(&channel, 200, "declared").await;
         declared_ok.map_err(|e| crate::topology::declare_error(&queue.name, e))?;
         declared.insert(queue.name.clone());
         Ok(())
@@ -228,10 +228,7 @@ impl Publisher {
     /// Closes the connection, if open.
     pub async fn close(&self) {
         if let Some(publisher) = self.current.lock().await.take() {
-            let _ = publisher
-                .connection()
-                .close(200, "publisher closed".into())
-                .await;
+            crate::close_connection(publisher.connection(), 200, "publisher closed").await;
         }
     }
 }

@@ -8,6 +8,9 @@ use lapin::{Channel, Connection, ExchangeKind};
 use oncely_core::tier_label;
 use std::time::Duration;
 
+/// Longest wait for the broker while checking one queue.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Classic or quorum queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueType {
@@ -109,33 +112,45 @@ impl Topology {
     pub async fn check(&self, connection: &Connection) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         for name in self.queues() {
-            let channel = connection.create_channel().await?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::durable()
-            };
-            if channel
-                .queue_declare(short("queue", &name)?, passive, FieldTable::default())
-                .await
-                .is_err()
-            {
-                problems.push(format!("queue {name} is missing"));
-                continue;
-            }
-            // It exists: declaring it with our arguments changes nothing when they match and is
-            // refused (406, naming the argument) when they do not.
-            let channel = connection.create_channel().await?;
-            match self
-                .declare_queue(&channel, &name, self.args_of(&name))
-                .await
-            {
-                Err(e) => problems.push(e.to_string()),
-                Ok(()) => {
-                    let _ = channel.close(200, "checked".into()).await;
-                }
+            // Every exchange with the broker is bounded: a check must never hang.
+            let checked =
+                tokio::time::timeout(CHECK_TIMEOUT, self.check_queue(connection, &name)).await;
+            match checked {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(problem))) => problems.push(problem),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => problems.push(format!(
+                    "queue {name}: no answer from the broker within {CHECK_TIMEOUT:?}"
+                )),
             }
         }
         Ok(problems)
+    }
+
+    /// `None` when `name` exists with the configured arguments, else what is wrong.
+    async fn check_queue(&self, connection: &Connection, name: &str) -> Result<Option<String>> {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::durable()
+        };
+        if channel
+            .queue_declare(short("queue", name)?, passive, FieldTable::default())
+            .await
+            .is_err()
+        {
+            // The broker closed this channel (404).
+            return Ok(Some(format!("queue {name} is missing")));
+        }
+        // It exists: declaring it with our arguments changes nothing when they match and is
+        // refused (406, naming the argument, closing the channel) when they do not.
+        match self.declare_queue(&channel, name, self.args_of(name)).await {
+            Err(e) => Ok(Some(e.to_string())),
+            Ok(()) => {
+                crate::close_channel(&channel, 200, "checked").await;
+                Ok(None)
+            }
+        }
     }
 
     /// The delay tiers.
@@ -168,7 +183,7 @@ impl Topology {
         let channel = connection.create_channel().await?;
         let result = self.declare_on(&channel).await;
         if channel.status().connected() {
-            let _ = channel.close(200, "topology declared".into()).await;
+            crate::close_channel(&channel, 200, "topology declared").await;
         }
         result
     }

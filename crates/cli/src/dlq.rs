@@ -110,8 +110,8 @@ pub(crate) async fn list(
         };
         println!("  {}", describe(&message.delivery.properties));
     }
-    let _ = channel.close(200, "listed".into()).await;
-    let _ = connection.close(200, "done".into()).await;
+    oncely::close_channel(&channel, 200, "listed").await;
+    crate::close(&connection).await;
     Ok(())
 }
 
@@ -188,8 +188,8 @@ pub(crate) async fn replay(
             tokio::time::sleep(pause).await;
         }
     }
-    let _ = channel.close(200, "replayed".into()).await;
-    let _ = connection.close(200, "done".into()).await;
+    oncely::close_channel(&channel, 200, "replayed").await;
+    crate::close(&connection).await;
     if dry_run {
         println!("dry run: {wanted} of {total} messages in {source} would go back to {queue}");
     } else {

@@ -163,6 +163,11 @@ enum OutboxCommand {
     Stats,
 }
 
+/// Closes an AMQP connection, bounded (see `oncely::close_connection`).
+pub(crate) async fn close(connection: &oncely::lapin::Connection) {
+    oncely::close_connection(connection, 200, "done").await;
+}
+
 /// A failure with its exit code.
 #[derive(Debug)]
 pub(crate) struct Refused(pub String);

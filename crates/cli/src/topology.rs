@@ -26,7 +26,14 @@ pub(crate) async fn declare(path: &Path, consumer: Option<&str>) -> anyhow::Resu
     let config = Config::load(path)?;
     let connection = connect(&config).await?;
     for settings in selected(&config, consumer)? {
-        settings.topology.declare(&connection).await?;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            settings.topology.declare(&connection),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("{}: the broker did not answer within 30 s", settings.name)
+        })??;
         println!(
             "{}: declared {} ({} queues)",
             settings.name,
@@ -34,7 +41,7 @@ pub(crate) async fn declare(path: &Path, consumer: Option<&str>) -> anyhow::Resu
             settings.topology.queues().len()
         );
     }
-    let _ = connection.close(200, "declared".into()).await;
+    crate::close(&connection).await;
     Ok(())
 }
 
@@ -56,7 +63,7 @@ pub(crate) async fn check(path: &Path, consumer: Option<&str>) -> anyhow::Result
         }
         problems += found.len();
     }
-    let _ = connection.close(200, "checked".into()).await;
+    crate::close(&connection).await;
     if problems > 0 {
         return Err(Mismatch(problems).into());
     }

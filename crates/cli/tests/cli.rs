@@ -16,12 +16,16 @@ struct Run {
 }
 
 async fn oncely(h: &Harness, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
         .args(args)
         .env("DATABASE_URL", h.schema.url())
         .env("AMQP_URL", amqp_url())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    // A hang is a failure of the command under test, never of the suite.
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
         .await
+        .unwrap_or_else(|_| panic!("oncely {args:?} did not finish within 60 s"))
         .expect("run oncely");
     Run {
         code: out.status.code(),

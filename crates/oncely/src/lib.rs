@@ -15,7 +15,7 @@ pub use diesel_async::AsyncPgConnection;
 pub use oncely_amqp::{
     AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, FaultInjection,
     OutgoingMessage, Processed, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology,
-    connect,
+    close_channel, close_connection, connect,
 };
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
