@@ -1,0 +1,75 @@
+//! Audit: keeps every order event, once.
+//!
+//! Run with:
+//!   cargo run -p audit -- run      # consume audit.order-events.q until Ctrl-C / SIGTERM
+//!   cargo run -p audit -- count    # events kept
+
+use clap::{Parser, Subcommand};
+use oncely::{Consumer, Inbox, PoolOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "audit", about = "Audit consumer of the oncely drill")]
+struct Cli {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
+    )]
+    database_url: String,
+    /// Exchange to bind to.
+    #[arg(long, default_value = audit::ORDER_EVENTS_EXCHANGE)]
+    exchange: String,
+    /// Queue to consume.
+    #[arg(long, default_value = audit::QUEUE)]
+    queue: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Consume until Ctrl-C or SIGTERM.
+    Run,
+    /// Print how many events are kept.
+    Count,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,audit=info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    audit::migrate(&cli.database_url).await?;
+    let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
+    match cli.command {
+        Command::Run => {
+            let consumer = Consumer::builder(audit::record_event, Inbox::new(pool))
+                .amqp_url(&cli.amqp_url)
+                .topology(audit::topology(&cli.exchange, &cli.queue))
+                .build();
+            consumer.run(oncely::shutdown_signal()).await?;
+            let s = consumer.stats();
+            println!(
+                "audit stopped: kept {} events, {} duplicates skipped",
+                s.processed, s.duplicates
+            );
+        }
+        Command::Count => {
+            let mut conn = pool.get().await?;
+            println!("{}", audit::count_events(&mut conn).await?);
+        }
+    }
+    Ok(())
+}
