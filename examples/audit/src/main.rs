@@ -10,20 +10,8 @@ use oncely::{Consumer, Inbox, PoolOptions};
 #[derive(Parser, Debug)]
 #[command(name = "audit", about = "Audit consumer of the oncely drill")]
 struct Cli {
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
-    /// PostgreSQL URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    services: oncely_example_messages::Services,
     /// Exchange to bind to.
     #[arg(long, default_value = audit::ORDER_EVENTS_EXCHANGE)]
     exchange: String,
@@ -44,19 +32,14 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,audit=info".into()),
-        )
-        .init();
+    oncely_example_messages::init_tracing("warn,audit=info");
     let cli = Cli::parse();
-    audit::migrate(&cli.database_url).await?;
-    let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
+    audit::migrate(&cli.services.database_url).await?;
+    let pool = oncely::connect_pool(&cli.services.database_url, &PoolOptions::default());
     match cli.command {
         Command::Run => {
             let consumer = Consumer::builder(audit::record_event, Inbox::new(pool))
-                .amqp_url(&cli.amqp_url)
+                .amqp_url(&cli.services.amqp_url)
                 .topology(audit::topology(&cli.exchange, &cli.queue))
                 .build();
             consumer.run(oncely::shutdown_signal()).await?;

@@ -15,20 +15,8 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(name = "billing", about = "Billing consumer of the oncely drill")]
 struct Cli {
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
-    /// PostgreSQL URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    services: oncely_example_messages::Services,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,17 +73,12 @@ struct Batch {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,billing=info".into()),
-        )
-        .init();
+    oncely_example_messages::init_tracing("warn,billing=info");
     let cli = Cli::parse();
-    billing::migrate(&cli.database_url)
+    billing::migrate(&cli.services.database_url)
         .await
         .context("running migrations")?;
-    let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
+    let pool = oncely::connect_pool(&cli.services.database_url, &PoolOptions::default());
     match cli.command {
         Command::Migrate => println!("migrations applied"),
         Command::Run {
@@ -119,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 None => {
                     let topology =
                         oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
-                    consumer(&cli.amqp_url, pool, concurrency, topology)
+                    consumer(&cli.services.amqp_url, pool, concurrency, topology)
                 }
             };
             consumer.run(oncely::shutdown_signal()).await?;
@@ -127,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Publish { batch } => {
             let prefix = run_prefix();
-            let summary = publish(&cli.amqp_url, &prefix, &batch).await?;
+            let summary = publish(&cli.services.amqp_url, &prefix, &batch).await?;
             println!(
                 "published {} messages to {}: {} orders ({prefix}-*), {} duplicates, {} poison",
                 summary.total(),
@@ -141,7 +124,16 @@ async fn main() -> anyhow::Result<()> {
             batch,
             concurrency,
             timeout_secs,
-        } => demo(&cli.amqp_url, pool, batch, concurrency, timeout_secs).await?,
+        } => {
+            demo(
+                &cli.services.amqp_url,
+                pool,
+                batch,
+                concurrency,
+                timeout_secs,
+            )
+            .await?
+        }
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Message types of the oncely practice drill, shared by its services and tests.
+//! Message types of the oncely practice drill, shared by its services and tests, and the
+//! command-line plumbing its binaries share.
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,36 @@ pub fn sample_order(prefix: &str, n: usize) -> OrderCreated {
         amount_cents: 125_000 + n as i64,
         currency: "IDR".to_owned(),
     }
+}
+
+/// The connections every example binary takes: `--amqp-url` / `AMQP_URL` and
+/// `--database-url` / `DATABASE_URL`, with the local defaults.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Services {
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
+    )]
+    pub database_url: String,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, or by `default_filter` when it is not set.
+pub fn init_tracing(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .init();
 }
 
 #[cfg(test)]

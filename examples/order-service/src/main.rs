@@ -14,20 +14,8 @@ use std::sync::Arc;
 #[derive(Parser, Debug)]
 #[command(name = "order-service", about = "Order service of the oncely drill")]
 struct Cli {
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
-    /// PostgreSQL URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/oncely"
-    )]
-    database_url: String,
+    #[command(flatten)]
+    services: oncely_example_messages::Services,
     /// Exchange events go to.
     #[arg(long, default_value = order_service::ORDER_EVENTS_EXCHANGE)]
     exchange: String,
@@ -57,15 +45,10 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,order_service=info,oncely_outbox=info".into()),
-        )
-        .init();
+    oncely_example_messages::init_tracing("warn,order_service=info,oncely_outbox=info");
     let cli = Cli::parse();
-    order_service::migrate(&cli.database_url).await?;
-    let pool = oncely::connect_pool(&cli.database_url, &PoolOptions::default());
+    order_service::migrate(&cli.services.database_url).await?;
+    let pool = oncely::connect_pool(&cli.services.database_url, &PoolOptions::default());
     match cli.command {
         Command::Migrate => println!("migrations applied"),
         Command::Create { count } => create(&pool, &cli.exchange, count).await?,
@@ -91,13 +74,13 @@ async fn create(pool: &oncely::Pool, exchange: &str, count: usize) -> anyhow::Re
 async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
     declare_exchange(cli).await?;
     let publisher = Arc::new(Publisher::new(
-        &cli.amqp_url,
+        &cli.services.amqp_url,
         "order-service-relay",
         PublisherOptions::default(),
     ));
     let relay = Relay::new(
         pool,
-        &cli.database_url,
+        &cli.services.database_url,
         publisher.clone(),
         RelayOptions {
             app_id: Some("order-service".to_owned()),
@@ -119,8 +102,12 @@ async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
 /// routable as soon as a consumer binds a queue.
 async fn declare_exchange(cli: &Cli) -> anyhow::Result<()> {
     use oncely::lapin::options::ExchangeDeclareOptions;
-    let connection =
-        oncely::connect(&cli.amqp_url, "order-service-setup", Default::default()).await?;
+    let connection = oncely::connect(
+        &cli.services.amqp_url,
+        "order-service-setup",
+        Default::default(),
+    )
+    .await?;
     let channel = connection.create_channel().await?;
     channel
         .exchange_declare(
