@@ -370,40 +370,11 @@ impl Harness {
 }
 
 fn close_connections_named(name: &str) -> usize {
-    // Plain output: `<pid>\t[{"capabilities",[..]},{"connection_name","NAME"},..]` per line.
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "pid",
-            "client_properties",
-            "-q",
-            "--no-table-headers",
-        ])
-        .output()
-        .expect("run rabbitmqctl list_connections");
-    let needle = format!("{{\"connection_name\",\"{name}\"}}");
-    let mut closed = 0;
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Some((pid, properties)) = line.split_once('\t') else {
-            continue;
-        };
-        if !properties.contains(&needle) {
-            continue;
-        }
-        let status = std::process::Command::new("rabbitmqctl")
-            .args([
-                "close_connection",
-                pid,
-                "oncely test: broker closed the connection",
-                "-q",
-            ])
-            .status()
-            .expect("run rabbitmqctl close_connection");
-        if status.success() {
-            closed += 1;
-        }
-    }
-    closed
+    oncely_example_messages::close_connections_where(
+        |n| n == name,
+        "oncely test: broker closed the connection",
+    )
+    .expect("rabbitmqctl close_connection")
 }
 
 impl Drop for Harness {

@@ -18,12 +18,17 @@ struct Cli {
     /// Queue to consume.
     #[arg(long, default_value = audit::QUEUE)]
     queue: String,
+    /// Name of the broker connection.
+    #[arg(long, default_value = audit::CONSUMER)]
+    connection_name: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Apply the inbox and audit migrations, then exit.
+    Migrate,
     /// Consume until Ctrl-C or SIGTERM.
     Run,
     /// Print how many events are kept.
@@ -37,11 +42,15 @@ async fn main() -> anyhow::Result<()> {
     audit::migrate(&cli.services.database_url).await?;
     let pool = oncely::connect_pool(&cli.services.database_url, &PoolOptions::default());
     match cli.command {
+        Command::Migrate => println!("migrations applied"),
         Command::Run => {
             let consumer = Consumer::builder(audit::record_event, Inbox::new(pool))
                 .amqp_url(&cli.services.amqp_url)
+                .connection_name(&cli.connection_name)
                 .topology(audit::topology(&cli.exchange, &cli.queue))
                 .build();
+            cli.services
+                .print_stats(audit::CONSUMER, consumer.stats_handle());
             consumer.run(oncely::shutdown_signal()).await?;
             let s = consumer.stats();
             println!(

@@ -36,6 +36,9 @@ enum Command {
         /// Queue to consume.
         #[arg(long, default_value = billing::QUEUE)]
         queue: String,
+        /// Name of the broker connection.
+        #[arg(long, default_value = billing::CONSUMER)]
+        connection_name: String,
         /// Configuration file with a [consumers.billing] section (overrides the flags above).
         #[arg(long)]
         config: Option<std::path::PathBuf>,
@@ -85,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             exchange,
             queue,
+            connection_name,
             config,
         } => {
             let consumer = match config {
@@ -103,8 +107,12 @@ async fn main() -> anyhow::Result<()> {
                     let topology =
                         oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
                     consumer(&cli.services.amqp_url, pool, concurrency, topology)
+                        .connection_name(connection_name)
+                        .build()
                 }
             };
+            cli.services
+                .print_stats(billing::CONSUMER, consumer.stats_handle());
             consumer.run(oncely::shutdown_signal()).await?;
             print_stats(&consumer.stats());
         }
@@ -143,12 +151,11 @@ fn consumer(
     pool: oncely::Pool,
     concurrency: usize,
     topology: oncely::Topology,
-) -> Consumer {
+) -> oncely::ConsumerBuilder<create_invoice> {
     Consumer::builder(create_invoice, Inbox::new(pool))
         .amqp_url(amqp_url)
         .topology(topology)
         .concurrency(concurrency)
-        .build()
 }
 
 fn run_prefix() -> String {
@@ -194,7 +201,9 @@ async fn demo(
         summary.duplicates,
         summary.poison
     );
-    let consumer = consumer(amqp_url, pool.clone(), concurrency, billing::topology()).spawn();
+    let consumer = consumer(amqp_url, pool.clone(), concurrency, billing::topology())
+        .build()
+        .spawn();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(timeout_secs);
     let mut conn = pool.get().await?;

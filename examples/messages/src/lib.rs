@@ -2,6 +2,8 @@
 //! command-line plumbing its binaries share.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Topic exchange the order service publishes to.
 pub const ORDER_EVENTS_EXCHANGE: &str = "order.events";
@@ -60,6 +62,125 @@ pub struct Services {
         default_value = "postgres://postgres@127.0.0.1:5432/oncely"
     )]
     pub database_url: String,
+    /// Print the consumer's counters on stdout every this many milliseconds, as one
+    /// `oncely-stats key=value ...` line (0: never). The drill reads them.
+    #[arg(long, env = "ONCELY_STATS_EVERY_MS", default_value_t = 0)]
+    pub stats_every_ms: u64,
+}
+
+impl Services {
+    /// Starts printing `stats` every `--stats-every-ms`, when it is set.
+    pub fn print_stats(&self, consumer: &str, stats: Arc<oncely::ConsumerStats>) {
+        if self.stats_every_ms == 0 {
+            return;
+        }
+        let every = Duration::from_millis(self.stats_every_ms);
+        let consumer = consumer.to_owned();
+        tokio::spawn(async move {
+            loop {
+                println!("{}", stats_line(&consumer, &stats.snapshot()));
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+}
+
+/// `oncely-stats consumer=NAME received=.. processed=.. ...`: one consumer's counters on one line.
+pub fn stats_line(consumer: &str, s: &oncely::StatsSnapshot) -> String {
+    format!(
+        "oncely-stats consumer={consumer} received={} processed={} duplicates={} retried={} \
+         dead_lettered={} parked={} requeued={} reconnects={}",
+        s.received, s.processed, s.duplicates, s.retried, s.dead_lettered, s.parked, s.requeued,
+        s.reconnects
+    )
+}
+
+/// Reads a [`stats_line`] back: the consumer name and its counters.
+pub fn parse_stats_line(line: &str) -> Option<(String, oncely::StatsSnapshot)> {
+    let rest = line.trim().strip_prefix("oncely-stats ")?;
+    let mut consumer = None;
+    let mut s = oncely::StatsSnapshot::default();
+    for pair in rest.split_whitespace() {
+        let (key, value) = pair.split_once('=')?;
+        if key == "consumer" {
+            consumer = Some(value.to_owned());
+            continue;
+        }
+        let n: u64 = value.parse().ok()?;
+        match key {
+            "received" => s.received = n,
+            "processed" => s.processed = n,
+            "duplicates" => s.duplicates = n,
+            "retried" => s.retried = n,
+            "dead_lettered" => s.dead_lettered = n,
+            "parked" => s.parked = n,
+            "requeued" => s.requeued = n,
+            "reconnects" => s.reconnects = n,
+            _ => {}
+        }
+    }
+    Some((consumer?, s))
+}
+
+/// Why broker connections could not be closed.
+#[derive(Debug)]
+pub struct CloseConnectionsError(pub String);
+
+impl std::fmt::Display for CloseConnectionsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "closing broker connections with rabbitmqctl: {}", self.0)
+    }
+}
+
+impl std::error::Error for CloseConnectionsError {}
+
+/// Closes, from the broker's side (`rabbitmqctl close_connection`, as an operator or a broker
+/// failover would), every connection whose client-given name satisfies `matches`. Returns how
+/// many were closed. Needs `rabbitmqctl` on this machine, talking to the broker in use.
+pub fn close_connections_where(
+    matches: impl Fn(&str) -> bool,
+    reason: &str,
+) -> Result<usize, CloseConnectionsError> {
+    // Plain output: `<pid>\t[{"capabilities",[..]},{"connection_name","NAME"},..]` per line.
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "-q",
+            "--no-table-headers",
+        ])
+        .output()
+        .map_err(|e| CloseConnectionsError(e.to_string()))?;
+    if !output.status.success() {
+        return Err(CloseConnectionsError(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ));
+    }
+    let mut closed = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some((pid, properties)) = line.split_once('\t') else {
+            continue;
+        };
+        let Some(name) = properties
+            .split("{\"connection_name\",\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        if !matches(name) {
+            continue;
+        }
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, reason, "-q"])
+            .status()
+            .map_err(|e| CloseConnectionsError(e.to_string()))?;
+        if status.success() {
+            closed += 1;
+        }
+    }
+    Ok(closed)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG`, or by `default_filter` when it is not set.
@@ -84,5 +205,23 @@ mod tests {
         .expect("decodes");
         assert_eq!(o.amount_cents, 125_000);
         assert_eq!(o.message_id(), "order.created.v1:ord-1");
+    }
+
+    #[test]
+    fn a_stats_line_reads_back() {
+        let s = oncely::StatsSnapshot {
+            received: 9,
+            processed: 5,
+            duplicates: 2,
+            retried: 1,
+            dead_lettered: 1,
+            parked: 0,
+            requeued: 3,
+            ack_failures: 0,
+            reconnects: 1,
+        };
+        let line = stats_line("billing", &s);
+        assert_eq!(parse_stats_line(&line), Some(("billing".to_owned(), s)));
+        assert_eq!(parse_stats_line("billing stopped"), None);
     }
 }
