@@ -118,7 +118,10 @@ impl InventoryClient {
     }
 
     /// The reservation made under `idempotency_key`, if any.
-    pub async fn lookup(&self, idempotency_key: &str) -> Result<Option<Reservation>, InventoryError> {
+    pub async fn lookup(
+        &self,
+        idempotency_key: &str,
+    ) -> Result<Option<Reservation>, InventoryError> {
         let response = self
             .http
             .get(format!("{}/reservations/{idempotency_key}", self.base_url))

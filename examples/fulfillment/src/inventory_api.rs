@@ -157,7 +157,10 @@ async fn reserve(
         );
     };
     if request.quantity <= 0 {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "quantity must be positive");
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "quantity must be positive",
+        );
     }
     let (fail, lose) = (
         rand::random::<f64>() < api.faults.fail_rate,
@@ -230,7 +233,10 @@ async fn store(
     request: &ReserveRequest,
 ) -> Result<Stored, StoreError> {
     use inventory_api_reservations::dsl as r;
-    let mut conn = pool.get().await.map_err(|e| StoreError::Pool(e.to_string()))?;
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::Pool(e.to_string()))?;
     let columns = (r::reservation_id, r::order_id, r::sku, r::quantity);
     let created: Option<Row> = diesel::insert_into(r::inventory_api_reservations)
         .values((

@@ -359,10 +359,15 @@ pub async fn reconcile_loop(
             tokio::time::sleep(every).await;
             match reconcile_once(&pool, &api, settle_after).await {
                 Ok(s) if s.settled > 0 => {
-                    tracing::info!(settled = s.settled, "reconciled reservations whose response was lost")
+                    tracing::info!(
+                        settled = s.settled,
+                        "reconciled reservations whose response was lost"
+                    )
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "reconciliation pass failed; next pass retries"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconciliation pass failed; next pass retries")
+                }
             }
         }
     };

@@ -13,7 +13,10 @@ use oncely::{Consumer, Inbox, PoolOptions};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "fulfillment", about = "Fulfillment consumer of the oncely drill")]
+#[command(
+    name = "fulfillment",
+    about = "Fulfillment consumer of the oncely drill"
+)]
 struct Cli {
     #[command(flatten)]
     services: oncely_example_messages::Services,

@@ -90,7 +90,13 @@ pub fn stats_line(consumer: &str, s: &oncely::StatsSnapshot) -> String {
     format!(
         "oncely-stats consumer={consumer} received={} processed={} duplicates={} retried={} \
          dead_lettered={} parked={} requeued={} reconnects={}",
-        s.received, s.processed, s.duplicates, s.retried, s.dead_lettered, s.parked, s.requeued,
+        s.received,
+        s.processed,
+        s.duplicates,
+        s.retried,
+        s.dead_lettered,
+        s.parked,
+        s.requeued,
         s.reconnects
     )
 }
