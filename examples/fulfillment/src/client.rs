@@ -137,6 +137,20 @@ impl InventoryClient {
         Err(self.failure(response).await)
     }
 
+    /// The API's counters (`GET /stats`).
+    pub async fn stats(&self) -> Result<crate::inventory_api::ApiStatsSnapshot, InventoryError> {
+        let response = self
+            .http
+            .get(format!("{}/stats", self.base_url))
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        if !response.status().is_success() {
+            return Err(self.failure(response).await);
+        }
+        response.json().await.map_err(|e| self.body(e))
+    }
+
     fn transport(&self, e: reqwest::Error) -> InventoryError {
         if e.is_timeout() {
             InventoryError::Timeout(self.timeout)

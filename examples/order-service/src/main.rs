@@ -19,6 +19,9 @@ struct Cli {
     /// Exchange events go to.
     #[arg(long, default_value = order_service::ORDER_EVENTS_EXCHANGE)]
     exchange: String,
+    /// Name of the relay's broker connection.
+    #[arg(long, default_value = "order-service-relay")]
+    connection_name: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,7 +78,7 @@ async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
     declare_exchange(cli).await?;
     let publisher = Arc::new(Publisher::new(
         &cli.services.amqp_url,
-        "order-service-relay",
+        cli.connection_name.as_str(),
         PublisherOptions::default(),
     ));
     let relay = Relay::new(
