@@ -12,7 +12,9 @@ use oncely::{ConfirmPublisher, OutgoingMessage};
 pub use oncely_example_messages::{ORDER_CREATED_V1, ORDER_EVENTS_EXCHANGE, OrderCreated};
 
 mod publish;
-pub use publish::{PoisonKind, PublishPlan, PublishSummary, order, publish_orders, publish_poison};
+pub use publish::{
+    PoisonKind, PublishPlan, PublishSummary, order, poison_message, publish_orders, publish_poison,
+};
 
 /// Consumer name: the first half of the inbox key.
 pub const CONSUMER: &str = "billing";
@@ -121,13 +123,21 @@ pub async fn publish_order(
     exchange: &str,
     order: &OrderCreated,
 ) -> Result<(), oncely::AmqpError> {
-    let body = serde_json::to_vec(order).unwrap_or_default();
+    let (body, properties) = order_message(order);
     publisher
         .publish(OutgoingMessage {
             exchange,
             routing_key: ORDER_CREATED_V1,
             body: &body,
-            properties: order_properties(order),
+            properties,
         })
         .await
+}
+
+/// Body and properties of an `order.created.v1` message, as the order service sends it.
+pub fn order_message(order: &OrderCreated) -> (Vec<u8>, BasicProperties) {
+    (
+        serde_json::to_vec(order).unwrap_or_default(),
+        order_properties(order),
+    )
 }

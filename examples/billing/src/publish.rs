@@ -112,13 +112,27 @@ pub async fn publish_poison(
     i: usize,
     kind: PoisonKind,
 ) -> Result<(), oncely::AmqpError> {
+    let (body, properties) = poison_message(prefix, i, kind);
+    publisher
+        .publish(OutgoingMessage {
+            exchange,
+            routing_key: ORDER_CREATED_V1,
+            body: &body,
+            properties,
+        })
+        .await
+}
+
+/// Body and properties of the `i`th bad message of `kind` of a run (message id
+/// `<prefix>-poison-<i>` when it has one).
+pub fn poison_message(prefix: &str, i: usize, kind: PoisonKind) -> (Vec<u8>, BasicProperties) {
     let id = format!("{prefix}-poison-{i}");
     let good = order(prefix, 1_000_000 + i);
     let json = |o: &OrderCreated| serde_json::to_vec(o).unwrap_or_default();
     let base = BasicProperties::default()
         .with_message_id(id.as_str().into())
         .with_content_type("application/json".into());
-    let (body, properties) = match kind {
+    match kind {
         PoisonKind::InvalidJson => (b"{not json".to_vec(), base),
         PoisonKind::MissingMessageId => (
             json(&good),
@@ -156,13 +170,5 @@ pub async fn publish_poison(
                 order_properties(&bad).with_message_id(id.as_str().into()),
             )
         }
-    };
-    publisher
-        .publish(OutgoingMessage {
-            exchange,
-            routing_key: ORDER_CREATED_V1,
-            body: &body,
-            properties,
-        })
-        .await
+    }
 }

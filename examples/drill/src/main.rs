@@ -9,16 +9,21 @@
 //!
 //!   cargo run -p drill -- --orders 3000
 
+mod faults;
 mod fleet;
+mod proxy;
 mod report;
 
 use anyhow::Context;
 use clap::Parser;
+use faults::{Fault, FaultKind};
 use fleet::{Fleet, Role};
-use oncely::{ConfirmPublisher, PoolOptions, RetryPolicy, Topology};
-use rand::seq::SliceRandom;
+use oncely::lapin::Connection;
+use oncely::{OutgoingMessage, PoolOptions, Publisher, PublisherOptions, RetryPolicy, Topology};
+use proxy::Proxy;
 use rand::{Rng, SeedableRng};
 use report::Report;
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,7 +44,14 @@ struct Cli {
     /// Orders placed per second.
     #[arg(long, default_value_t = 300)]
     rate: u32,
-    /// SIGKILLs of a consumer or the relay (each restarted after a short pause).
+    /// Faults to inject (comma-separated; see the list below).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,audit-outage,cut,api"
+    )]
+    faults: Vec<FaultKind>,
+    /// SIGKILLs of a consumer or the relay (kill, relay-kill), each restarted after a pause.
     #[arg(long, default_value_t = 8)]
     kills: usize,
     /// Extra publishes of an order's event with its message id, as a share of the orders.
@@ -54,7 +66,7 @@ struct Cli {
     /// Share of inventory API calls whose response is lost after the reservation is made.
     #[arg(long, default_value_t = 0.02)]
     api_lose_rate: f64,
-    /// Run without any fault (kills, cuts, API failures).
+    /// Run without any fault (same as an empty --faults).
     #[arg(long)]
     no_faults: bool,
     /// Suffix of the exchange and queue names, for runs that must not share the drill's
@@ -118,13 +130,6 @@ fn billing_topology(exchange: &str, queue: &str) -> Topology {
         .retry_tiers(RetryPolicy::default().tiers())
 }
 
-/// A fault, due when the slowest consumer has processed `at` of the orders.
-#[derive(Debug, Clone, Copy)]
-enum Fault {
-    Kill { role: Role, down: Duration },
-    CutConnections,
-}
-
 #[tokio::main]
 async fn main() {
     match drill(Cli::parse()).await {
@@ -150,13 +155,21 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("target/drill").join(&run));
     std::fs::create_dir_all(&out_dir)?;
+    let mut kinds = if cli.no_faults {
+        Vec::new()
+    } else {
+        cli.faults.clone()
+    };
+    kinds.sort();
+    kinds.dedup();
+    let kind_names: Vec<String> = kinds.iter().map(|k| k.name()).collect();
     let database_url = cli.services.database_url.clone();
     let amqp_url = cli.services.amqp_url.clone();
 
     println!(
-        "drill {run}: {} orders ({prefix}-*), {} kills, duplicate rate {}, {} poison, seed {seed}",
+        "drill {run}: {} orders ({prefix}-*), faults [{}], duplicate rate {}, {} poison, seed {seed}",
         cli.orders,
-        if cli.no_faults { 0 } else { cli.kills },
+        kind_names.join(", "),
         cli.duplicate_rate,
         cli.poison
     );
@@ -174,19 +187,48 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     let pool = oncely::connect_pool(&database_url, &PoolOptions::default());
 
     // Every queue bound before the first event exists, so none is routed to only some of them.
-    let connection = Arc::new(
-        oncely::connect(
-            &amqp_url,
-            &format!("{connection_prefix}publisher"),
-            Default::default(),
-        )
-        .await
-        .context("connecting to RabbitMQ")?,
-    );
-    for topology in names.all() {
-        topology.declare(&connection).await?;
+    let broker = Broker::new(&amqp_url, &format!("{connection_prefix}observer"));
+    {
+        let connection = broker.connection().await?;
+        for topology in names.all() {
+            topology.declare(&connection).await?;
+        }
     }
-    let publisher = ConfirmPublisher::new(connection.clone(), Duration::from_secs(10));
+    let publisher = Arc::new(Publisher::new(
+        &amqp_url,
+        format!("{connection_prefix}publisher"),
+        PublisherOptions::default(),
+    ));
+
+    // The services' own URLs: through the proxies when a network fault is asked for, with an
+    // application name that lets the drill find their PostgreSQL backends.
+    let app_name = proxy::param(&database_url, "application_name")
+        .unwrap_or_else(|| format!("drill-{}", std::process::id()));
+    let mut service_db_url = proxy::with_param(&database_url, "application_name", &app_name);
+    let mut service_amqp_url = amqp_url.clone();
+    let mut proxies: Vec<Proxy> = Vec::new();
+    if kinds.iter().any(|k| k.needs_proxy()) {
+        let amqp_proxy =
+            Proxy::start(&proxy::authority(&amqp_url, 5672).context("the host of AMQP_URL")?)
+                .await?;
+        let pg_proxy = Proxy::start(
+            &proxy::authority(&database_url, 5432).context("the host of DATABASE_URL")?,
+        )
+        .await?;
+        // Heartbeats every 5 s: the only way a black-holed AMQP connection is noticed.
+        service_amqp_url = proxy::with_param(
+            &proxy::via(&amqp_url, amqp_proxy.addr()).context("AMQP_URL")?,
+            "heartbeat",
+            "5",
+        );
+        service_db_url = proxy::via(&service_db_url, pg_proxy.addr()).context("DATABASE_URL")?;
+        println!(
+            "services reach RabbitMQ through {} and PostgreSQL through {}",
+            amqp_proxy.addr(),
+            pg_proxy.addr()
+        );
+        proxies = vec![amqp_proxy, pg_proxy];
+    }
 
     let bin_dir = match &cli.bin_dir {
         Some(dir) => dir.clone(),
@@ -199,20 +241,22 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         &bin_dir,
         &out_dir,
         vec![
-            ("AMQP_URL".into(), amqp_url.clone()),
-            ("DATABASE_URL".into(), database_url.clone()),
+            ("AMQP_URL".into(), service_amqp_url.clone()),
+            ("DATABASE_URL".into(), service_db_url.clone()),
             ("ONCELY_STATS_EVERY_MS".into(), "250".into()),
         ],
     )?;
-    let (fail_rate, lose_rate) = if cli.no_faults {
-        (0.0, 0.0)
-    } else {
+    let (fail_rate, lose_rate) = if kinds.contains(&FaultKind::Api) {
         (cli.api_fail_rate, cli.api_lose_rate)
+    } else {
+        (0.0, 0.0)
     };
     let s = |v: &str| v.to_owned();
     fleet.set_args(
         Role::InventoryApi,
         vec![
+            s("--database-url"),
+            database_url.clone(),
             s("inventory-api"),
             s("--addr"),
             s("127.0.0.1:0"),
@@ -288,71 +332,26 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         fleet.start(role, false).await?;
     }
 
-    // Orders through the outbox, with duplicate publishes of events already placed.
-    let placed = Arc::new(AtomicUsize::new(0));
+    // Orders through the outbox, with duplicate and poison publishes.
     let duplicates_sent = Arc::new(AtomicUsize::new(0));
-    let producer = {
-        let pool = pool.clone();
-        let prefix = prefix.clone();
-        let exchange = names.exchange.clone();
-        let placed = placed.clone();
-        let duplicates_sent = duplicates_sent.clone();
-        let (orders, rate, duplicate_rate, poison) =
-            (cli.orders, cli.rate.max(1), cli.duplicate_rate, cli.poison);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-        tokio::spawn(async move {
-            let mut conn = pool.get().await?;
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-            for n in 0..orders {
-                tick.tick().await;
-                let order = order_service::order(&prefix, n);
-                order_service::create_order(&mut conn, &order, &exchange).await?;
-                placed.store(n + 1, Ordering::Relaxed);
-                if rng.random_bool(duplicate_rate.clamp(0.0, 1.0)) {
-                    let earlier = order_service::order(&prefix, rng.random_range(0..=n));
-                    billing::publish_order(&publisher, &exchange, &earlier).await?;
-                    duplicates_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                if poison > 0 && n % (orders / poison).max(1) == 0 {
-                    let i = n / (orders / poison).max(1);
-                    if i < poison {
-                        let kind = if i % 2 == 0 {
-                            billing::PoisonKind::InvalidJson
-                        } else {
-                            billing::PoisonKind::MissingMessageId
-                        };
-                        billing::publish_poison(&publisher, &exchange, &prefix, i, kind).await?;
-                    }
-                }
-            }
-            anyhow::Ok(())
-        })
-    };
+    let producer = tokio::spawn(produce(
+        pool.clone(),
+        publisher.clone(),
+        prefix.clone(),
+        names.exchange.clone(),
+        cli.orders,
+        cli.rate.max(1),
+        cli.duplicate_rate,
+        cli.poison,
+        seed ^ 0x5eed,
+        duplicates_sent.clone(),
+    ));
 
     // The faults, each due at a share of the orders processed by the slowest consumer.
-    let mut faults: Vec<(f64, Fault)> = Vec::new();
-    if !cli.no_faults {
-        let mut victims = vec![Role::Billing, Role::Fulfillment, Role::Audit, Role::Relay];
-        for k in 0..cli.kills {
-            if k % victims.len() == 0 {
-                victims.shuffle(&mut rng);
-            }
-            let role = victims[k % victims.len()];
-            let down = Duration::from_millis(rng.random_range(200..1500));
-            faults.push((rng.random_range(0.05..0.85), Fault::Kill { role, down }));
-        }
-        // Audit down long enough for events to pile up in its quorum queue.
-        faults.push((
-            0.3,
-            Fault::Kill {
-                role: Role::Audit,
-                down: Duration::from_secs(5),
-            },
-        ));
-        faults.push((0.5, Fault::CutConnections));
-        faults.sort_by(|a, b| a.0.total_cmp(&b.0));
-    }
-    let mut faults = faults.into_iter().peekable();
+    let mut faults = faults::schedule(&kinds, cli.kills, &mut rng)
+        .into_iter()
+        .peekable();
+    let mut tally: BTreeMap<&'static str, usize> = BTreeMap::new();
 
     let csv_path = out_dir.join("counters.csv");
     let mut csv = std::fs::File::create(&csv_path)?;
@@ -361,15 +360,15 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         "elapsed_s,orders,published,invoices,reservations,audit,duplicates,retries,dead_letters"
     )?;
     let tty = std::io::stdout().is_terminal();
-    let mut kills = 0usize;
-    let mut cuts = 0usize;
-    let mut restarts: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
+    let mut background: Vec<tokio::task::JoinHandle<anyhow::Result<()>>> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(cli.timeout_secs);
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let mut last_csv = Instant::now() - Duration::from_secs(10);
     let mut producer = Some(producer);
     let mut settled_since: Option<Instant> = None;
     let n = cli.orders as i64;
+    let like = format!("{prefix}-");
+    let mut progress = 0.0;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if let Some(p) = producer.as_ref()
@@ -378,78 +377,72 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         {
             p.await.context("the order producer")??;
         }
-        let mut conn = pool.get().await?;
-        let st = report::state(&mut conn, &format!("{prefix}-")).await?;
-        let fc = fulfillment::counts(&mut conn, &format!("{prefix}-")).await?;
-        drop(conn);
+        // The drill's own reads ride out the faults it injects: a failed read skips a tick.
+        let observed = async {
+            let mut conn = pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let st = report::state(&mut conn, &like).await?;
+            let fc = fulfillment::counts(&mut conn, &like).await?;
+            anyhow::Ok((st, fc))
+        }
+        .await;
+        let Ok((st, fc)) = observed else {
+            continue;
+        };
+        let queues = broker.queue_state(&names).await;
         let totals = fleet.consumer_totals();
         let sum = |f: fn(&oncely::StatsSnapshot) -> u64| totals.values().map(f).sum::<u64>();
-        let dead = dead_letters(&connection, &names).await;
         let slowest = st.invoices.min(fc.reservations).min(st.audit);
-        let progress = slowest as f64 / n.max(1) as f64;
+        progress = f64::max(progress, slowest as f64 / n.max(1) as f64);
 
         while let Some((at, fault)) = faults.peek().copied() {
             if progress < at {
                 break;
             }
             faults.next();
-            match fault {
-                Fault::Kill { role, down } => {
-                    if !fleet.kill(role).await {
-                        continue;
-                    }
-                    kills += 1;
-                    note(
-                        tty,
-                        &format!(
-                            "SIGKILL {} at {:.0}% (back in {:.1} s)",
-                            role.name(),
-                            progress * 100.0,
-                            down.as_secs_f64()
-                        ),
-                    );
-                    let fleet = fleet.clone();
-                    restarts.push(tokio::spawn(async move {
-                        tokio::time::sleep(down).await;
-                        fleet.start(role, false).await.map(|_| ())
-                    }));
-                }
-                Fault::CutConnections => {
-                    let prefix = connection_prefix.clone();
-                    let closed = tokio::task::spawn_blocking(move || {
-                        oncely_example_messages::close_connections_where(
-                            |name| name.starts_with(&prefix) && !name.ends_with("publisher"),
-                            "oncely drill: broker closed the connection",
-                        )
-                    })
-                    .await?;
-                    match closed {
-                        Ok(count) => {
-                            cuts += 1;
-                            note(
-                                tty,
-                                &format!(
-                                    "closed {count} broker connections at {:.0}%",
-                                    progress * 100.0
-                                ),
-                            );
-                        }
-                        Err(e) => note(tty, &format!("could not close connections: {e}")),
-                    }
-                }
+            if let Some(task) = inject(
+                fault,
+                progress,
+                tty,
+                &fleet,
+                &proxies,
+                &pool,
+                &app_name,
+                &connection_prefix,
+            )
+            .await
+            {
+                *tally.entry(fault.label()).or_default() += 1;
+                background.push(task);
             }
         }
+        // As a supervisor would: a service that exits (it cannot reach the database at start,
+        // say) is started again after a second. Too many exits is a bug, not a fault.
         for role in [Role::Relay, Role::Billing, Role::Fulfillment, Role::Audit] {
             if let Some(status) = fleet.exited(role).await {
-                anyhow::bail!(
-                    "{} exited by itself ({status}); see {}",
-                    role.name(),
-                    fleet.log_path(role).display()
+                let exits = tally.entry("service exits (restarted)").or_default();
+                *exits += 1;
+                if *exits > 30 {
+                    anyhow::bail!(
+                        "{} keeps exiting ({status}); see {}",
+                        role.name(),
+                        fleet.log_path(role).display()
+                    );
+                }
+                fleet.kill(role).await;
+                note(
+                    tty,
+                    &format!("{} exited ({status}): restarting", role.name()),
                 );
+                let fleet = fleet.clone();
+                background.push(tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    fleet.start(role, false).await.map(|_| ())
+                }));
             }
         }
 
         let elapsed = started.elapsed().as_secs_f64();
+        let dlq = queues.as_ref().map(|q| q.dlq).unwrap_or(0);
         if last_csv.elapsed() >= Duration::from_secs(1) {
             last_csv = Instant::now();
             writeln!(
@@ -462,11 +455,11 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
                 st.audit,
                 sum(|s| s.duplicates),
                 sum(|s| s.retried),
-                dead.dlq
+                dlq
             )?;
         }
         let line = format!(
-            "[{}] {:>5.0}s orders {}/{} published {} invoices {} reservations {} audit {} | dup {} retries {} dlq {} kills {}",
+            "[{}] {:>5.0}s orders {}/{} published {} invoices {} reservations {} audit {} | dup {} retries {} dlq {} faults {}",
             bar(progress),
             elapsed,
             st.orders,
@@ -477,8 +470,8 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             st.audit,
             sum(|s| s.duplicates),
             sum(|s| s.retried),
-            dead.dlq,
-            kills
+            dlq,
+            tally.values().sum::<usize>()
         );
         if tty {
             print!("\r\x1b[2K{line}");
@@ -490,15 +483,16 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
 
         let settled = producer.is_none()
             && faults.peek().is_none()
-            && restarts.iter().all(|r| r.is_finished())
+            && background.iter().all(|r| r.is_finished())
             && st.orders == n
             && st.unpublished == 0
             && st.invoices == n
             && fc.reservations == n
             && st.audit == n
             && fc.pending_operations == 0
-            && dead.waiting == 0
-            && dead.per_queue.iter().all(|d| *d >= cli.poison as u32);
+            && queues.as_ref().is_some_and(|q| {
+                q.waiting == 0 && q.per_queue.iter().all(|d| *d >= cli.poison as u32)
+            });
         // Settled for two seconds in a row: late duplicates would have shown by then.
         match (settled, settled_since) {
             (true, Some(since)) if since.elapsed() >= Duration::from_secs(2) => break,
@@ -517,8 +511,10 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     if tty {
         println!();
     }
-    for r in restarts {
-        r.await??;
+    for task in background {
+        if let Err(e) = task.await? {
+            note(false, &format!("a fault's clean-up failed: {e:#}"));
+        }
     }
     let elapsed_s = started.elapsed().as_secs_f64();
     let api = api_stats(&inventory_url).await;
@@ -526,15 +522,16 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
 
     // The report, from the final state.
     let mut conn = pool.get().await?;
-    let st = report::state(&mut conn, &format!("{prefix}-")).await?;
-    let fc = fulfillment::counts(&mut conn, &format!("{prefix}-")).await?;
+    let st = report::state(&mut conn, &like).await?;
+    let fc = fulfillment::counts(&mut conn, &like).await?;
     drop(conn);
-    let dead = dead_letters(&connection, &names).await;
+    let queues = broker.queue_state(&names).await.unwrap_or_default();
     let totals = fleet.consumer_totals();
     let sum = |f: fn(&oncely::StatsSnapshot) -> u64| totals.values().map(f).sum::<u64>();
     let mut r = Report {
         run: run.clone(),
         elapsed_s,
+        faults: kind_names,
         ..Report::default()
     };
     r.figure("orders", st.orders);
@@ -544,15 +541,23 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     r.figure("audit rows", st.audit);
     r.figure("duplicates detected", sum(|s| s.duplicates));
     r.figure("retries", sum(|s| s.retried));
-    r.figure("dead letters", dead.dlq);
+    r.figure("dead letters", queues.dlq);
     r.figure("requeued (infrastructure)", sum(|s| s.requeued));
+    r.figure("reconnects", sum(|s| s.reconnects));
     r.figure(
         "duplicate publishes injected",
         duplicates_sent.load(Ordering::Relaxed),
     );
     r.figure("poison messages injected", cli.poison);
-    r.figure("SIGKILLs", kills);
-    r.figure("broker connection cuts", cuts);
+    for (label, count) in &tally {
+        r.figure(label, *count);
+    }
+    if !proxies.is_empty() {
+        r.figure(
+            "connections through the fault proxy",
+            proxies.iter().map(Proxy::accepted).sum::<u64>(),
+        );
+    }
     r.figure("inventory API calls", fc.api_calls);
     r.figure(
         "inventory API replays",
@@ -577,7 +582,7 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     r.check("reservation ids differing from the API", 0, fc.mismatched);
     r.check("reservation calls unsettled", 0, fc.pending_operations);
     r.check("audit rows (one per event)", n, st.audit);
-    for (topology, count) in names.all().iter().zip(&dead.per_queue) {
+    for (topology, count) in names.all().iter().zip(&queues.per_queue) {
         r.check(
             &format!("{} (poison only)", topology.dlq()),
             cli.poison as i64,
@@ -587,17 +592,276 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     r.check(
         "messages left in work, retry and parking queues",
         0,
-        dead.waiting,
+        queues.waiting,
     );
     r.ok = r.problems().is_empty();
     print!("{}", r.render());
     std::fs::write(out_dir.join("report.json"), serde_json::to_vec_pretty(&r)?)?;
 
     if cli.cleanup && !cli.namespace.is_empty() {
-        cleanup(&connection, &names).await;
+        broker.cleanup(&names).await;
     }
-    oncely::close_connection(&connection, 200, "drill done").await;
+    publisher.close().await;
+    broker.close().await;
     Ok(r.ok)
+}
+
+/// Places `orders` orders through the outbox at `rate` per second; publishes a duplicate of an
+/// earlier order's event with probability `duplicate_rate` after each, and `poison` bad
+/// messages spread over the run. Rides out database and broker faults by retrying.
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    pool: oncely::Pool,
+    publisher: Arc<Publisher>,
+    prefix: String,
+    exchange: String,
+    orders: usize,
+    rate: u32,
+    duplicate_rate: f64,
+    poison: usize,
+    seed: u64,
+    duplicates_sent: Arc<AtomicUsize>,
+) -> anyhow::Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let every = (orders / poison.max(1)).max(1);
+    for n in 0..orders {
+        tick.tick().await;
+        let order = order_service::order(&prefix, n);
+        retrying("placing an order", || async {
+            let mut conn = pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            match order_service::create_order(&mut conn, &order, &exchange).await {
+                Ok(()) => Ok(()),
+                // Committed by an attempt whose answer was lost.
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UniqueViolation,
+                    _,
+                )) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+        if rng.random_bool(duplicate_rate.clamp(0.0, 1.0)) {
+            let earlier = order_service::order(&prefix, rng.random_range(0..=n));
+            let (body, properties) = billing::order_message(&earlier);
+            publish(&publisher, &exchange, &body, properties).await?;
+            duplicates_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        if poison > 0 && n % every == 0 && n / every < poison {
+            let i = n / every;
+            let kind = if i % 2 == 0 {
+                billing::PoisonKind::InvalidJson
+            } else {
+                billing::PoisonKind::MissingMessageId
+            };
+            let (body, properties) = billing::poison_message(&prefix, i, kind);
+            publish(&publisher, &exchange, &body, properties).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn publish(
+    publisher: &Publisher,
+    exchange: &str,
+    body: &[u8],
+    properties: oncely::lapin::BasicProperties,
+) -> anyhow::Result<()> {
+    retrying("publishing", || async {
+        publisher
+            .publish(OutgoingMessage {
+                exchange,
+                routing_key: billing::ORDER_CREATED_V1,
+                body,
+                properties: properties.clone(),
+            })
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await
+}
+
+/// Retries `attempt` every 500 ms for up to two minutes.
+async fn retrying<F, Fut>(what: &str, mut attempt: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{what}: still failing after 2 minutes")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// Starts `fault`. Returns the task that finishes it (a restart, an alarm lifted), or None when
+/// it could not be injected (said on the console).
+#[allow(clippy::too_many_arguments)]
+async fn inject(
+    fault: Fault,
+    progress: f64,
+    tty: bool,
+    fleet: &Arc<Fleet>,
+    proxies: &[Proxy],
+    pool: &oncely::Pool,
+    app_name: &str,
+    connection_prefix: &str,
+) -> Option<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let at = format!("at {:.0}%", progress * 100.0);
+    let done = || Some(tokio::spawn(async { anyhow::Ok(()) }));
+    match fault {
+        Fault::Kill { role, down } => {
+            if !fleet.kill(role).await {
+                return None;
+            }
+            note(
+                tty,
+                &format!(
+                    "SIGKILL {} {at} (back in {:.1} s)",
+                    role.name(),
+                    down.as_secs_f64()
+                ),
+            );
+            let fleet = fleet.clone();
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(down).await;
+                fleet.start(role, false).await.map(|_| ())
+            }))
+        }
+        Fault::CutConnections => {
+            let prefix = connection_prefix.to_owned();
+            let closed = tokio::task::spawn_blocking(move || {
+                oncely_example_messages::close_connections_where(
+                    |name| {
+                        name.starts_with(&prefix)
+                            && !name.ends_with("publisher")
+                            && !name.ends_with("observer")
+                    },
+                    "oncely drill: broker closed the connection",
+                )
+            })
+            .await
+            .ok()?;
+            match closed {
+                Ok(count) => {
+                    note(tty, &format!("closed {count} broker connections {at}"));
+                    done()
+                }
+                Err(e) => {
+                    note(tty, &format!("could not close connections: {e}"));
+                    None
+                }
+            }
+        }
+        Fault::BrokerRestart => {
+            note(tty, &format!("RabbitMQ stop_app {at}, start_app in 3 s"));
+            Some(tokio::spawn(async {
+                faults::restart_broker(Duration::from_secs(3))
+                    .await
+                    .map_err(anyhow::Error::msg)
+            }))
+        }
+        Fault::MemoryAlarm(length) => {
+            note(
+                tty,
+                &format!(
+                    "memory alarm {at} for {} s: publishers blocked",
+                    length.as_secs()
+                ),
+            );
+            Some(tokio::spawn(async move {
+                faults::memory_alarm(length)
+                    .await
+                    .map_err(anyhow::Error::msg)
+            }))
+        }
+        Fault::PgTerminate => {
+            let terminated = async {
+                let mut conn = pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                terminate_backends(&mut conn, app_name).await
+            }
+            .await;
+            match terminated {
+                Ok(count) => {
+                    note(tty, &format!("terminated {count} PostgreSQL backends {at}"));
+                    done()
+                }
+                Err(e) => {
+                    note(tty, &format!("could not terminate backends: {e:#}"));
+                    None
+                }
+            }
+        }
+        Fault::PgRestart => {
+            note(tty, &format!("PostgreSQL restart {at}"));
+            Some(tokio::spawn(async {
+                faults::restart_postgres().await.map_err(anyhow::Error::msg)
+            }))
+        }
+        Fault::Latency(latency) => {
+            for p in proxies {
+                p.set_latency(latency);
+            }
+            note(
+                tty,
+                &format!("network latency {} ms {at}", latency.as_millis()),
+            );
+            done()
+        }
+        Fault::ProxyCut => {
+            for p in proxies {
+                p.cut_all();
+            }
+            note(tty, &format!("cut every network connection {at}"));
+            done()
+        }
+        Fault::BlackHole(length) => {
+            for p in proxies {
+                p.set_black_hole(true);
+            }
+            note(
+                tty,
+                &format!(
+                    "black-holed every network connection {at} for {} s",
+                    length.as_secs()
+                ),
+            );
+            let proxies = proxies.to_vec();
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(length).await;
+                for p in &proxies {
+                    p.cut_all();
+                    p.set_black_hole(false);
+                }
+                anyhow::Ok(())
+            }))
+        }
+    }
+}
+
+async fn terminate_backends(
+    conn: &mut diesel_async::AsyncPgConnection,
+    app_name: &str,
+) -> anyhow::Result<i64> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let c: Count = diesel::sql_query(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind::<diesel::sql_types::Text, _>(app_name)
+    .get_result(conn)
+    .await?;
+    Ok(c.n)
 }
 
 fn bar(progress: f64) -> String {
@@ -623,38 +887,107 @@ struct QueueState {
     waiting: u32,
 }
 
-async fn dead_letters(connection: &oncely::lapin::Connection, names: &Names) -> QueueState {
-    let mut state = QueueState::default();
-    for topology in names.all() {
-        let dlq = queue_len(connection, &topology.dlq()).await;
-        state.per_queue.push(dlq);
-        state.dlq += dlq;
-        for q in topology.queues() {
-            if q != topology.dlq() {
-                state.waiting += queue_len(connection, &q).await;
-            }
-        }
-    }
-    state
+/// The drill's own view of the broker: one connection, opened again after a fault closed it.
+struct Broker {
+    url: String,
+    name: String,
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
 }
 
-async fn queue_len(connection: &oncely::lapin::Connection, queue: &str) -> u32 {
+impl Broker {
+    fn new(url: &str, name: &str) -> Broker {
+        Broker {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            connection: tokio::sync::Mutex::default(),
+        }
+    }
+
+    async fn connection(&self) -> anyhow::Result<Arc<Connection>> {
+        let mut slot = self.connection.lock().await;
+        if let Some(c) = slot.as_ref()
+            && c.status().connected()
+        {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                oncely::connect(&self.url, &self.name, Default::default()),
+            )
+            .await
+            .context("connecting to RabbitMQ")??,
+        );
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Depth of every queue of the run, or None when the broker cannot be asked now.
+    async fn queue_state(&self, names: &Names) -> Option<QueueState> {
+        let connection = self.connection().await.ok()?;
+        let mut state = QueueState::default();
+        for topology in names.all() {
+            let dlq = queue_len(&connection, &topology.dlq()).await?;
+            state.per_queue.push(dlq);
+            state.dlq += dlq;
+            for q in topology.queues() {
+                if q != topology.dlq() {
+                    state.waiting += queue_len(&connection, &q).await?;
+                }
+            }
+        }
+        Some(state)
+    }
+
+    async fn cleanup(&self, names: &Names) {
+        use oncely::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let Ok(connection) = self.connection().await else {
+            return;
+        };
+        let Ok(channel) = connection.create_channel().await else {
+            return;
+        };
+        for topology in names.all() {
+            for q in topology.queues() {
+                let _ = channel
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = channel
+            .exchange_delete(
+                names.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        oncely::close_channel(&channel, 200, "cleaned up").await;
+    }
+
+    async fn close(&self) {
+        if let Some(c) = self.connection.lock().await.take() {
+            oncely::close_connection(&c, 200, "drill done").await;
+        }
+    }
+}
+
+async fn queue_len(connection: &Connection, queue: &str) -> Option<u32> {
     use oncely::lapin::options::QueueDeclareOptions;
-    let Ok(channel) = connection.create_channel().await else {
-        return u32::MAX;
-    };
-    let n = channel
-        .queue_declare(
+    let channel = connection.create_channel().await.ok()?;
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        channel.queue_declare(
             queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
             },
             Default::default(),
-        )
-        .await
-        .map(|q| q.message_count())
-        .unwrap_or(u32::MAX);
+        ),
+    )
+    .await
+    .ok()
+    .and_then(|r| r.ok())
+    .map(|q| q.message_count());
     if channel.status().connected() {
         oncely::close_channel(&channel, 200, "counted").await;
     }
@@ -664,25 +997,4 @@ async fn queue_len(connection: &oncely::lapin::Connection, queue: &str) -> u32 {
 async fn api_stats(url: &str) -> Option<fulfillment::inventory_api::ApiStatsSnapshot> {
     let client = fulfillment::InventoryClient::new(url, Duration::from_secs(2)).ok()?;
     client.stats().await.ok()
-}
-
-async fn cleanup(connection: &oncely::lapin::Connection, names: &Names) {
-    use oncely::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let Ok(channel) = connection.create_channel().await else {
-        return;
-    };
-    for topology in names.all() {
-        for q in topology.queues() {
-            let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    let _ = channel
-        .exchange_delete(
-            names.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
-    oncely::close_channel(&channel, 200, "cleaned up").await;
 }

@@ -63,6 +63,8 @@ pub struct Check {
 pub struct Report {
     /// Run id.
     pub run: String,
+    /// Fault kinds injected.
+    pub faults: Vec<String>,
     /// Whether every check passed.
     pub ok: bool,
     /// Figures, in display order.

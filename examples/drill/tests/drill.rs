@@ -33,8 +33,16 @@ async fn a_small_drill_under_faults_loses_nothing_and_doubles_nothing() {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
     let mut drill = tokio::process::Command::new(env!("CARGO_BIN_EXE_drill"));
     drill
-        .args(["--orders", "300", "--rate", "150", "--kills", "4", "--poison", "2"])
-        .args(["--namespace", &namespace, "--cleanup", "--timeout-secs", "240"])
+        .args([
+            "--orders", "300", "--rate", "150", "--kills", "4", "--poison", "2",
+        ])
+        .args([
+            "--namespace",
+            &namespace,
+            "--cleanup",
+            "--timeout-secs",
+            "240",
+        ])
         .arg("--out-dir")
         .arg(&out)
         .env("DATABASE_URL", schema.url())
@@ -51,7 +59,10 @@ async fn a_small_drill_under_faults_loses_nothing_and_doubles_nothing() {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("OK: no loss, no duplicate effect"), "{stdout}");
+    assert!(
+        stdout.contains("OK: no loss, no duplicate effect"),
+        "{stdout}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
