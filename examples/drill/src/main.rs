@@ -649,7 +649,7 @@ async fn produce(
         }
         if poison > 0 && n % every == 0 && n / every < poison {
             let i = n / every;
-            let kind = if i % 2 == 0 {
+            let kind = if i.is_multiple_of(2) {
                 billing::PoisonKind::InvalidJson
             } else {
                 billing::PoisonKind::MissingMessageId
