@@ -551,6 +551,7 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     r.figure("poison messages injected", cli.poison);
     for (label, count) in &tally {
         r.figure(label, *count);
+        r.injected.push(((*label).to_owned(), *count));
     }
     if !proxies.is_empty() {
         r.figure(

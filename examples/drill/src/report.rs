@@ -63,8 +63,10 @@ pub struct Check {
 pub struct Report {
     /// Run id.
     pub run: String,
-    /// Fault kinds injected.
+    /// Fault kinds asked for.
     pub faults: Vec<String>,
+    /// Faults injected, by kind, with how many times.
+    pub injected: Vec<(String, usize)>,
     /// Whether every check passed.
     pub ok: bool,
     /// Figures, in display order.
