@@ -12,7 +12,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(name = "fault-suite", about = "Every fault scenario of the oncely drill, with its invariants")]
+#[command(
+    name = "fault-suite",
+    about = "Every fault scenario of the oncely drill, with its invariants"
+)]
 struct Cli {
     /// Orders per scenario.
     #[arg(long, default_value_t = 2000)]
@@ -33,17 +36,57 @@ struct Cli {
 
 /// (name, --faults of the drill, what it breaks)
 const SCENARIOS: &[(&str, &str, &str)] = &[
-    ("consumer-kills", "kill", "consumers and relay SIGKILLed at random moments"),
-    ("relay-kills", "relay-kill", "the outbox relay SIGKILLed again and again"),
-    ("broker-connections", "cut", "rabbitmqctl close_connection on every service connection"),
-    ("broker-restart", "broker-restart", "rabbitmqctl stop_app, 3 s, start_app"),
-    ("memory-alarm", "memory-alarm", "publishers blocked by a memory alarm for 5 s"),
-    ("pg-terminate", "pg-terminate", "pg_terminate_backend on every service connection, 3 times"),
+    (
+        "consumer-kills",
+        "kill",
+        "consumers and relay SIGKILLed at random moments",
+    ),
+    (
+        "relay-kills",
+        "relay-kill",
+        "the outbox relay SIGKILLed again and again",
+    ),
+    (
+        "broker-connections",
+        "cut",
+        "rabbitmqctl close_connection on every service connection",
+    ),
+    (
+        "broker-restart",
+        "broker-restart",
+        "rabbitmqctl stop_app, 3 s, start_app",
+    ),
+    (
+        "memory-alarm",
+        "memory-alarm",
+        "publishers blocked by a memory alarm for 5 s",
+    ),
+    (
+        "pg-terminate",
+        "pg-terminate",
+        "pg_terminate_backend on every service connection, 3 times",
+    ),
     ("pg-restart", "pg-restart", "PostgreSQL restarted"),
-    ("network-latency", "proxy-latency", "30 ms on every packet to RabbitMQ and PostgreSQL"),
-    ("network-cuts", "proxy-cut", "every TCP connection to RabbitMQ and PostgreSQL cut, twice"),
-    ("half-open", "half-open", "every connection black-holed for 15 s, then cut"),
-    ("external-api", "api", "inventory API failing 2% of calls and losing 2% of responses"),
+    (
+        "network-latency",
+        "proxy-latency",
+        "30 ms on every packet to RabbitMQ and PostgreSQL",
+    ),
+    (
+        "network-cuts",
+        "proxy-cut",
+        "every TCP connection to RabbitMQ and PostgreSQL cut, twice",
+    ),
+    (
+        "half-open",
+        "half-open",
+        "every connection black-holed for 15 s, then cut",
+    ),
+    (
+        "external-api",
+        "api",
+        "inventory API failing 2% of calls and losing 2% of responses",
+    ),
     (
         "everything",
         "kill,relay-kill,audit-outage,cut,broker-restart,memory-alarm,pg-terminate,pg-restart,proxy-latency,proxy-cut,half-open,api",
@@ -95,9 +138,17 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         println!("- {name}: {what} ...");
         let output = std::process::Command::new(&drill)
-            .args(["--orders", &orders.to_string(), "--kills", &kills.to_string()])
+            .args([
+                "--orders",
+                &orders.to_string(),
+                "--kills",
+                &kills.to_string(),
+            ])
             .args(["--faults", faults, "--cleanup", "--timeout-secs", "900"])
-            .args(["--namespace", &format!("faults-{name}-{}", std::process::id())])
+            .args([
+                "--namespace",
+                &format!("faults-{name}-{}", std::process::id()),
+            ])
             .arg("--out-dir")
             .arg(&dir)
             .output()
@@ -137,7 +188,11 @@ fn main() -> anyhow::Result<()> {
                 format!(
                     "| {name} | {faults} | {} | {messages} | {} | {} | {passed}/{} | {} | {seconds} |",
                     figure("orders"),
-                    if injected.is_empty() { "none".into() } else { injected.join(", ") },
+                    if injected.is_empty() {
+                        "none".into()
+                    } else {
+                        injected.join(", ")
+                    },
                     figure("duplicates detected"),
                     checks.len(),
                     if ok { "OK" } else { "FAILED" }
