@@ -1,0 +1,807 @@
+//! Every `sh`, `console`, `toml` and `sql` block of README.md and docs/ is checked against the
+//! code, and every link to a test names a test that exists. Rust blocks are doc tests (see the
+//! crate's `lib.rs`). The conventions are in docs/decisions.md.
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use oncely::testing::TestSchema;
+use oncely_docs_check::markdown::{Block, blocks, doc_files};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A block with this tag is not checked. Only for what cannot be checked (say so next to it).
+const SKIP_TAG: &str = "ignore-check";
+
+/// Pages linked from README.md and docs/ that are written on other branches at the same time.
+/// A link to one of them is accepted while it is missing; once merged, it is checked like any
+/// other (remove it from here then).
+const WRITTEN_ELSEWHERE: &[&str] = &["docs/drill.md", "docs/observability.md"];
+
+/// Commands a `sh` block may use that are not part of this repository. They are not run.
+const EXTERNAL_TOOLS: &[&str] = &[
+    "apt-get",
+    "brew",
+    "cd",
+    "createdb",
+    "curl",
+    "diesel",
+    "docker",
+    "echo",
+    "export",
+    "git",
+    "kill",
+    "pg_isready",
+    "psql",
+    "rabbitmq-diagnostics",
+    "rabbitmq-plugins",
+    "rabbitmqctl",
+    "sleep",
+    "sudo",
+    "systemctl",
+];
+
+fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .join("../..")
+        .canonicalize()
+        .unwrap_or_else(|e| panic!("repository root: {e}"))
+}
+
+fn all_blocks() -> Vec<Block> {
+    let root = root();
+    let mut all = Vec::new();
+    for path in doc_files(&root) {
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let name = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        all.extend(blocks(&name, &text));
+    }
+    all
+}
+
+fn blocks_of(langs: &[&str]) -> Vec<Block> {
+    all_blocks()
+        .into_iter()
+        .filter(|b| langs.contains(&b.lang.as_str()) && !b.has_tag(SKIP_TAG))
+        .collect()
+}
+
+fn report(what: &str, problems: Vec<String>) {
+    assert!(
+        problems.is_empty(),
+        "{} {what} problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The workspace: packages, their binaries and test targets (`cargo metadata`).
+
+#[derive(Debug, Default)]
+struct Package {
+    bins: Vec<String>,
+    tests: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Workspace {
+    packages: BTreeMap<String, Package>,
+    /// Binary name -> package.
+    bins: BTreeMap<String, String>,
+    /// Where the binaries are built (`<target>/debug`).
+    bin_dir: PathBuf,
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    c.current_dir(root());
+    c
+}
+
+fn workspace() -> Workspace {
+    let out = cargo()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .unwrap_or_else(|e| panic!("cargo metadata: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("cargo metadata: {e}"));
+    let mut packages = BTreeMap::new();
+    let mut bins = BTreeMap::new();
+    for p in meta["packages"].as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or_default().to_owned();
+        let mut package = Package::default();
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let target = t["name"].as_str().unwrap_or_default().to_owned();
+            let kinds: Vec<&str> = t["kind"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str())
+                .collect();
+            if kinds.contains(&"bin") {
+                bins.insert(target.clone(), name.clone());
+                package.bins.push(target);
+            } else if kinds.contains(&"test") {
+                package.tests.push(target);
+            }
+        }
+        packages.insert(name, package);
+    }
+    // This test runs from <target>/<profile>/deps/.
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current exe: {e}"));
+    let bin_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("no target directory above {}", exe.display()));
+    Workspace {
+        packages,
+        bins,
+        bin_dir,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sh / console blocks.
+
+/// The commands of a block: continuation lines joined, comments and console output dropped,
+/// split on `&&`, `||`, `;` and `|`.
+fn commands(block: &Block) -> Result<Vec<Vec<String>>, String> {
+    let console = block.lang == "console";
+    let mut lines = Vec::new();
+    let mut pending = String::new();
+    for raw in block.text.lines() {
+        let line = if console {
+            match raw.trim_start().strip_prefix("$ ") {
+                Some(command) => command,
+                None if !pending.is_empty() => raw,
+                None => continue, // output
+            }
+        } else {
+            raw
+        };
+        if let Some(head) = line.trim_end().strip_suffix('\\') {
+            pending.push_str(head);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(line);
+        lines.push(std::mem::take(&mut pending));
+    }
+    let mut out = Vec::new();
+    for line in lines {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let words = shlex::split(line).ok_or_else(|| format!("cannot split {line:?}"))?;
+        let mut current = Vec::new();
+        for word in words {
+            if word.starts_with('#') {
+                break; // comment to the end of the line
+            }
+            let (word, ends) = match word.strip_suffix(';') {
+                Some(w) => (w.to_owned(), true),
+                None => (word, false),
+            };
+            if ["&&", "||", "|", ";", "&"].contains(&word.as_str()) {
+                out.push(std::mem::take(&mut current));
+                continue;
+            }
+            if !word.is_empty() {
+                current.push(word);
+            }
+            if ends {
+                out.push(std::mem::take(&mut current));
+            }
+        }
+        out.push(current);
+    }
+    out.retain(|c| !c.is_empty());
+    Ok(out)
+}
+
+/// One level of a program's `--help`: its subcommands and its options (with whether they take
+/// a value).
+#[derive(Debug, Default)]
+struct Help {
+    subcommands: BTreeSet<String>,
+    options: BTreeMap<String, bool>,
+}
+
+fn parse_help(text: &str) -> Help {
+    let mut help = Help::default();
+    let mut section = "";
+    for line in text.lines() {
+        if !line.starts_with(' ') && line.ends_with(':') {
+            section = line.trim_end_matches(':');
+            continue;
+        }
+        let item = line.trim();
+        if item.is_empty() {
+            continue;
+        }
+        match section {
+            "Commands" => {
+                if let Some(name) = item.split_whitespace().next() {
+                    help.subcommands.insert(name.to_owned());
+                }
+            }
+            "Options" if item.starts_with('-') => {
+                // `-c, --count <COUNT>  How many`: every name, and whether a value follows.
+                let words: Vec<&str> = item.split_whitespace().collect();
+                let names: Vec<&str> = words
+                    .iter()
+                    .take_while(|w| w.starts_with('-'))
+                    .map(|w| w.trim_end_matches(','))
+                    .collect();
+                let takes_value = words.get(names.len()).is_some_and(|w| w.starts_with('<'));
+                for name in names {
+                    help.options.insert(name.to_owned(), takes_value);
+                }
+            }
+            _ => {}
+        }
+    }
+    help
+}
+
+struct Binaries {
+    workspace: Workspace,
+    built: BTreeSet<String>,
+    helps: BTreeMap<Vec<String>, Result<Help, String>>,
+}
+
+impl Binaries {
+    fn new() -> Self {
+        Binaries {
+            workspace: workspace(),
+            built: BTreeSet::new(),
+            helps: BTreeMap::new(),
+        }
+    }
+
+    /// Builds `package` (a no-op when it is fresh) and returns the path of `bin`.
+    fn binary(&mut self, package: &str, bin: &str) -> Result<PathBuf, String> {
+        if self.built.insert(package.to_owned()) {
+            let out = cargo()
+                .args(["build", "--quiet", "-p", package, "--bins"])
+                .output()
+                .map_err(|e| format!("cargo build -p {package}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "cargo build -p {package} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+        Ok(self.workspace.bin_dir.join(bin))
+    }
+
+    /// `bin path... --help`, parsed; cached.
+    fn help(&mut self, bin: &str, path: &[String]) -> Result<&Help, String> {
+        let mut key = vec![bin.to_owned()];
+        key.extend(path.iter().cloned());
+        if !self.helps.contains_key(&key) {
+            let result = self.run_help(bin, path);
+            self.helps.insert(key.clone(), result);
+        }
+        match &self.helps[&key] {
+            Ok(help) => Ok(help),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    fn run_help(&mut self, bin: &str, path: &[String]) -> Result<Help, String> {
+        let package = self.workspace.bins[bin].clone();
+        let exe = self.binary(&package, bin)?;
+        let out = Command::new(&exe)
+            .args(path)
+            .arg("--help")
+            .env_remove("RUST_LOG")
+            .output()
+            .map_err(|e| format!("{}: {e}", exe.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`{bin} {} --help` failed: {}",
+                path.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(parse_help(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Checks `args` against the subcommands and options `bin --help` lists, level by level.
+    fn check_args(&mut self, bin: &str, args: &[String]) -> Result<(), String> {
+        let mut path: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            let help = self.help(bin, &path)?;
+            if arg == "--help" || arg == "-h" || arg == "--version" || arg == "-V" {
+                return Ok(());
+            }
+            if arg.starts_with('-') && arg.len() > 1 {
+                let name = arg.split('=').next().unwrap_or(arg);
+                match help.options.get(name) {
+                    Some(takes_value) => {
+                        if *takes_value && !arg.contains('=') {
+                            i += 1;
+                        }
+                    }
+                    None => {
+                        return Err(format!(
+                            "`{bin} {}` has no option {name} (known: {})",
+                            path.join(" "),
+                            help.options.keys().cloned().collect::<Vec<_>>().join(" ")
+                        ));
+                    }
+                }
+            } else if help.subcommands.contains(arg.as_str()) {
+                path.push(arg.clone());
+            } else if !help.subcommands.is_empty() {
+                return Err(format!(
+                    "`{bin} {}` has no subcommand {arg:?} (known: {})",
+                    path.join(" "),
+                    help.subcommands
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+            // Otherwise a positional argument (a queue name, say).
+            i += 1;
+        }
+        if !self.help(bin, &path)?.subcommands.is_empty() && !path.is_empty() {
+            // `oncely dlq` alone prints usage; a documented command names a leaf.
+            return Err(format!("`{bin} {}` needs a subcommand", path.join(" ")));
+        }
+        Ok(())
+    }
+
+    fn check_command(&mut self, words: &[String]) -> Result<(), String> {
+        let mut words = words;
+        // Leading VAR=value assignments.
+        while let Some(first) = words.first() {
+            let is_assignment = first.split_once('=').is_some_and(|(name, _)| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            });
+            if !is_assignment {
+                break;
+            }
+            words = &words[1..];
+        }
+        let Some(program) = words.first() else {
+            return Ok(());
+        };
+        let args = &words[1..];
+        let root = root();
+        if program.starts_with("./scripts/") || program.starts_with("scripts/") {
+            let path = root.join(program.trim_start_matches("./"));
+            return match std::fs::metadata(&path) {
+                Ok(m) if is_executable(&m) => Ok(()),
+                Ok(_) => Err(format!("{program} is not executable")),
+                Err(_) => Err(format!("{program} does not exist")),
+            };
+        }
+        let bin_name = program.rsplit('/').next().unwrap_or(program);
+        let is_built_path = program.contains("target/");
+        if self.workspace.bins.contains_key(bin_name) && (is_built_path || bin_name == program) {
+            return self.check_args(bin_name, args);
+        }
+        if program == "cargo" {
+            return self.check_cargo(args);
+        }
+        if EXTERNAL_TOOLS.contains(&program.as_str()) {
+            return Ok(());
+        }
+        Err(format!(
+            "{program:?} is neither a binary of this workspace, a script, nor an allowed tool"
+        ))
+    }
+
+    fn check_cargo(&mut self, args: &[String]) -> Result<(), String> {
+        let Some(sub) = args.first() else {
+            return Ok(());
+        };
+        let (cargo_args, program_args) = match args.iter().position(|a| a == "--") {
+            Some(i) => (&args[1..i], &args[i + 1..]),
+            None => (&args[1..], &[][..]),
+        };
+        let value_of = |flags: &[&str]| {
+            cargo_args
+                .iter()
+                .position(|a| flags.contains(&a.as_str()))
+                .and_then(|i| cargo_args.get(i + 1))
+                .cloned()
+        };
+        let package = value_of(&["-p", "--package"]);
+        if let Some(p) = &package
+            && !self.workspace.packages.contains_key(p)
+        {
+            return Err(format!("cargo {sub}: no package {p} in the workspace"));
+        }
+        match sub.as_str() {
+            "run" => {
+                let bin = match (value_of(&["--bin"]), &package) {
+                    (Some(bin), _) => bin,
+                    (None, Some(p)) => match self.workspace.packages[p].bins.as_slice() {
+                        [only] => only.clone(),
+                        other => return Err(format!("cargo run -p {p}: binaries {other:?}")),
+                    },
+                    (None, None) => return Err("cargo run without -p".to_owned()),
+                };
+                if !self.workspace.bins.contains_key(&bin) {
+                    return Err(format!("cargo run: no binary {bin}"));
+                }
+                self.check_args(&bin, program_args)
+            }
+            "test" => {
+                if let Some(test) = value_of(&["--test"]) {
+                    let known = package
+                        .as_ref()
+                        .map(|p| self.workspace.packages[p].tests.contains(&test))
+                        .unwrap_or_else(|| {
+                            self.workspace
+                                .packages
+                                .values()
+                                .any(|p| p.tests.contains(&test))
+                        });
+                    if !known {
+                        return Err(format!("cargo test: no test target {test}"));
+                    }
+                }
+                Ok(())
+            }
+            "install" => match value_of(&["--path"]) {
+                Some(path) if !root().join(&path).exists() => {
+                    Err(format!("cargo install --path {path}: no such directory"))
+                }
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn is_executable(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    m.is_file() && m.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(m: &std::fs::Metadata) -> bool {
+    m.is_file()
+}
+
+#[test]
+fn every_shell_command_in_the_docs_names_a_real_binary_subcommand_flag_or_script() {
+    let mut binaries = Binaries::new();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for block in blocks_of(&["sh", "console", "bash", "shell"]) {
+        match commands(&block) {
+            Err(e) => problems.push(format!("{}: {e}", block.at())),
+            Ok(commands) => {
+                for command in commands {
+                    checked += 1;
+                    if let Err(e) = binaries.check_command(&command) {
+                        problems.push(format!("{}: `{}`: {e}", block.at(), command.join(" ")));
+                    }
+                }
+            }
+        }
+    }
+    report("shell", problems);
+    assert!(
+        checked > 10,
+        "only {checked} commands found: is the parser broken?"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// toml blocks.
+
+fn check_manifest_fragment(text: &str, root_manifest: &toml::Table) -> Result<(), String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let workspace_deps = root_manifest
+        .get("workspace")
+        .and_then(|w| w.get("dependencies"))
+        .and_then(|d| d.as_table())
+        .cloned()
+        .unwrap_or_default();
+    let Some(deps) = table.get("dependencies").and_then(|d| d.as_table()) else {
+        return Err("a Cargo.toml fragment without [dependencies]".to_owned());
+    };
+    let version_of = |v: &toml::Value| match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Table(t) => t.get("version").and_then(|v| v.as_str()).map(str::to_owned),
+        _ => None,
+    };
+    // "=0.9.2" and "0.9" agree on "0.9".
+    let major_minor = |v: &str| {
+        v.trim_start_matches(['=', '^', '~'])
+            .split('.')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    for (name, value) in deps {
+        let Some(known) = workspace_deps.get(name) else {
+            return Err(format!(
+                "dependency {name} is not in [workspace.dependencies]"
+            ));
+        };
+        if let (Some(doc), Some(ours)) = (version_of(value), version_of(known))
+            && major_minor(&doc) != major_minor(&ours)
+        {
+            return Err(format!(
+                "dependency {name} = {doc:?}, the workspace uses {ours:?}"
+            ));
+        }
+        if let toml::Value::Table(t) = value
+            && let Some(features) = t.get("features").and_then(|f| f.as_array())
+            && name == "oncely"
+        {
+            for f in features {
+                if f.as_str() != Some("testing") {
+                    return Err(format!("oncely has no feature {f}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_toml_block_is_a_valid_configuration_or_manifest_fragment() {
+    let root_manifest: toml::Table = toml::from_str(
+        &std::fs::read_to_string(root().join("Cargo.toml"))
+            .unwrap_or_else(|e| panic!("Cargo.toml: {e}")),
+    )
+    .unwrap_or_else(|e| panic!("Cargo.toml: {e}"));
+    let mut problems = Vec::new();
+    let mut configs = 0;
+    for block in blocks_of(&["toml"]) {
+        let first = block.text.lines().next().unwrap_or_default().trim();
+        let result = if first == "# Cargo.toml" {
+            check_manifest_fragment(&block.text, &root_manifest)
+        } else {
+            configs += 1;
+            // No environment: the file alone must be valid.
+            oncely::config::Config::parse(&block.at(), &block.text, |_| None)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = result {
+            problems.push(format!("{}: {e}", block.at()));
+        }
+    }
+    report("toml", problems);
+    assert!(configs > 0, "no oncely.toml block found");
+}
+
+// ---------------------------------------------------------------------------------------------
+// sql blocks.
+
+#[tokio::test]
+async fn every_sql_block_runs_against_the_real_tables_in_a_rolled_back_transaction() {
+    // oncely's tables (message_inbox, outbox_message) and the examples' (invoices, orders).
+    let full = TestSchema::create().await.expect("test schema");
+    billing::migrate(full.url())
+        .await
+        .expect("billing migrations");
+    order_service::migrate(full.url())
+        .await
+        .expect("order-service migrations");
+    // oncely's tables only, for blocks that create a table of their own.
+    let bare = TestSchema::create().await.expect("test schema");
+    oncely::run_migrations(bare.url(), oncely::INBOX_MIGRATIONS)
+        .await
+        .expect("inbox migrations");
+    oncely::run_migrations(bare.url(), oncely::outbox::OUTBOX_MIGRATIONS)
+        .await
+        .expect("outbox migrations");
+    let mut full_conn = AsyncPgConnection::establish(full.url())
+        .await
+        .expect("connect");
+    let mut bare_conn = AsyncPgConnection::establish(bare.url())
+        .await
+        .expect("connect");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for block in blocks_of(&["sql"]) {
+        checked += 1;
+        let sql = block.text.clone();
+        let conn = if sql.to_ascii_uppercase().contains("CREATE TABLE") {
+            &mut bare_conn
+        } else {
+            &mut full_conn
+        };
+        let result = conn
+            .transaction::<(), diesel::result::Error, _>(async |conn| {
+                conn.batch_execute(&sql).await?;
+                Err(diesel::result::Error::RollbackTransaction)
+            })
+            .await;
+        match result {
+            Err(diesel::result::Error::RollbackTransaction) => {}
+            Err(e) => problems.push(format!("{}: {e}", block.at())),
+            Ok(()) => problems.push(format!("{}: committed?", block.at())),
+        }
+    }
+    report("sql", problems);
+    assert!(checked > 0, "no sql block found");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Links.
+
+/// `[text](target)` links of a Markdown text, outside code blocks.
+fn links(text: &str) -> Vec<(usize, String, String)> {
+    let mut found = Vec::new();
+    let mut in_fence = false;
+    for (index, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("```") || trimmed.starts_with("~~~") {
+            in_fence = !in_fence;
+            continue;
+        }
+        if in_fence {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(open) = rest.find("](") {
+            let label_start = rest[..open].rfind('[').map(|i| i + 1).unwrap_or(0);
+            let label = rest[label_start..open].to_owned();
+            let after = &rest[open + 2..];
+            let Some(close) = after.find(')') else {
+                break;
+            };
+            found.push((index + 1, label, after[..close].to_owned()));
+            rest = &after[close..];
+        }
+    }
+    found
+}
+
+#[test]
+fn every_relative_link_resolves_and_every_linked_test_exists() {
+    let root = root();
+    let mut problems = Vec::new();
+    let mut tests_checked = 0;
+    for path in doc_files(&root) {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let name = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let dir = path.parent().unwrap_or(&root);
+        for (line, label, target) in links(&text) {
+            if target.contains("://") || target.starts_with('#') || target.starts_with("mailto:") {
+                continue;
+            }
+            let file = target.split('#').next().unwrap_or(&target);
+            let resolved = dir.join(file);
+            let from_root = resolved
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.strip_prefix(&root).ok().map(Path::to_path_buf))
+                .unwrap_or_else(|| {
+                    // Missing: resolve `..` by hand to compare with WRITTEN_ELSEWHERE.
+                    let mut parts: Vec<String> = Vec::new();
+                    let base = dir.strip_prefix(&root).unwrap_or(Path::new(""));
+                    for c in base.join(file).components() {
+                        match c {
+                            std::path::Component::ParentDir => {
+                                parts.pop();
+                            }
+                            std::path::Component::Normal(n) => {
+                                parts.push(n.to_string_lossy().into_owned())
+                            }
+                            _ => {}
+                        }
+                    }
+                    PathBuf::from(parts.join("/"))
+                });
+            if !resolved.exists()
+                && WRITTEN_ELSEWHERE.contains(&from_root.display().to_string().as_str())
+            {
+                continue;
+            }
+            let Ok(source) = std::fs::read_to_string(&resolved).or_else(|e| {
+                if resolved.is_dir() {
+                    Ok(String::new())
+                } else {
+                    Err(e)
+                }
+            }) else {
+                problems.push(format!("{name}:{line}: link to {target}: no such file"));
+                continue;
+            };
+            // [`a_test_name`](../tests/tests/x.rs): the test must be in that file.
+            let test = label.trim_matches('`');
+            if file.ends_with(".rs")
+                && label.starts_with('`')
+                && test
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                tests_checked += 1;
+                if !source.contains(&format!("fn {test}(")) {
+                    problems.push(format!("{name}:{line}: {file} has no test {test}"));
+                }
+            }
+        }
+    }
+    report("link", problems);
+    assert!(tests_checked > 20, "only {tests_checked} test links found");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checker itself.
+
+#[test]
+fn commands_are_split_on_operators_with_comments_prompts_and_continuations_handled() {
+    let block = |lang: &str, text: &str| Block {
+        file: "t.md".into(),
+        line: 1,
+        lang: lang.into(),
+        tags: Vec::new(),
+        text: text.into(),
+    };
+    let sh = block(
+        "sh",
+        "# a comment\nRUST_LOG=info oncely inbox stats   # trailing\ncargo run -p billing -- \\\n  run --concurrency 4 && ./scripts/test; echo done\n",
+    );
+    let got = commands(&sh).expect("splits");
+    assert_eq!(
+        got,
+        vec![
+            vec!["RUST_LOG=info", "oncely", "inbox", "stats"],
+            vec![
+                "cargo",
+                "run",
+                "-p",
+                "billing",
+                "--",
+                "run",
+                "--concurrency",
+                "4"
+            ],
+            vec!["./scripts/test"],
+            vec!["echo", "done"],
+        ]
+    );
+    let console = block("console", "$ oncely outbox stats\nunpublished: 0\n");
+    assert_eq!(
+        commands(&console).expect("splits"),
+        vec![vec!["oncely", "outbox", "stats"]]
+    );
+}
+
+#[test]
+fn clap_help_is_read_into_subcommands_and_options() {
+    let help = parse_help(
+        "Usage: oncely [OPTIONS] <COMMAND>\n\nCommands:\n  dlq   Inspect\n  help  Print\n\nOptions:\n      --database-url <DATABASE_URL>  PostgreSQL URL\n  -c, --count <COUNT>  How many\n      --dry-run  Show\n  -h, --help  Print help\n",
+    );
+    assert!(help.subcommands.contains("dlq"));
+    assert_eq!(help.options.get("--database-url"), Some(&true));
+    assert_eq!(help.options.get("--count"), Some(&true));
+    assert_eq!(help.options.get("-c"), Some(&true));
+    assert_eq!(help.options.get("--dry-run"), Some(&false));
+}
