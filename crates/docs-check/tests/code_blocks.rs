@@ -243,7 +243,7 @@ fn parse_help(text: &str) -> Help {
                 let words: Vec<&str> = item.split_whitespace().collect();
                 let names: Vec<&str> = words
                     .iter()
-                    .take_while(|w| w.starts_with('-'))
+                    .take_while(|w| w.starts_with('-') && w.trim_end_matches(',').len() > 1)
                     .map(|w| w.trim_end_matches(','))
                     .collect();
                 let takes_value = words.get(names.len()).is_some_and(|w| w.starts_with('<'));
@@ -272,20 +272,43 @@ impl Binaries {
         }
     }
 
-    /// Builds `package` (a no-op when it is fresh) and returns the path of `bin`.
-    fn binary(&mut self, package: &str, bin: &str) -> Result<PathBuf, String> {
-        if self.built.insert(package.to_owned()) {
-            let out = cargo()
-                .args(["build", "--quiet", "-p", package, "--bins"])
-                .output()
-                .map_err(|e| format!("cargo build -p {package}: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "cargo build -p {package} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
+    /// The package whose binary `words` runs, if any.
+    fn package_of(&self, words: &[String]) -> Option<String> {
+        let words: Vec<&String> = words.iter().filter(|w| !w.contains('=')).collect();
+        let program = words.first()?;
+        if program.as_str() == "cargo" && words.get(1).is_some_and(|w| w.as_str() == "run") {
+            let i = words.iter().position(|w| *w == "-p" || *w == "--package")?;
+            return words.get(i + 1).map(|p| p.to_string());
         }
+        let name = program.rsplit('/').next().unwrap_or(program);
+        self.workspace.bins.get(name).cloned()
+    }
+
+    /// Builds the binaries of `packages` in one cargo run (a no-op when they are fresh).
+    fn build(&mut self, packages: &BTreeSet<String>) -> Result<(), String> {
+        let wanted: Vec<&String> = packages.difference(&self.built).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut command = cargo();
+        command.args(["build", "--quiet", "--bins"]);
+        for p in &wanted {
+            command.args(["-p", p.as_str()]);
+        }
+        let out = command.output().map_err(|e| format!("cargo build: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo build of {wanted:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        self.built.extend(packages.iter().cloned());
+        Ok(())
+    }
+
+    /// Builds `package` if needed and returns the path of `bin`.
+    fn binary(&mut self, package: &str, bin: &str) -> Result<PathBuf, String> {
+        self.build(&BTreeSet::from([package.to_owned()]))?;
         Ok(self.workspace.bin_dir.join(bin))
     }
 
@@ -491,18 +514,26 @@ fn is_executable(m: &std::fs::Metadata) -> bool {
 fn every_shell_command_in_the_docs_names_a_real_binary_subcommand_flag_or_script() {
     let mut binaries = Binaries::new();
     let mut problems = Vec::new();
-    let mut checked = 0;
+    let mut all = Vec::new();
     for block in blocks_of(&["sh", "console", "bash", "shell"]) {
         match commands(&block) {
             Err(e) => problems.push(format!("{}: {e}", block.at())),
-            Ok(commands) => {
-                for command in commands {
-                    checked += 1;
-                    if let Err(e) = binaries.check_command(&command) {
-                        problems.push(format!("{}: `{}`: {e}", block.at(), command.join(" ")));
-                    }
-                }
-            }
+            Ok(commands) => all.extend(commands.into_iter().map(|c| (block.at(), c))),
+        }
+    }
+    // One build for every binary the docs run.
+    let packages: BTreeSet<String> = all
+        .iter()
+        .filter_map(|(_, c)| binaries.package_of(c))
+        .filter(|p| binaries.workspace.packages.contains_key(p))
+        .collect();
+    if let Err(e) = binaries.build(&packages) {
+        problems.push(e);
+    }
+    let checked = all.len();
+    for (at, command) in all {
+        if let Err(e) = binaries.check_command(&command) {
+            problems.push(format!("{at}: `{}`: {e}", command.join(" ")));
         }
     }
     report("shell", problems);
@@ -750,6 +781,68 @@ fn every_relative_link_resolves_and_every_linked_test_exists() {
     }
     report("link", problems);
     assert!(tests_checked > 20, "only {tests_checked} test links found");
+}
+
+/// Every `.rs` and `.sql` file and every script under `dir`, recursively (skipping `target`).
+fn rust_sources(dir: &Path, into: &mut String) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n != "target") {
+                rust_sources(&path, into);
+            }
+        } else if path.extension().is_none_or(|e| e == "rs" || e == "sql") {
+            into.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+}
+
+#[test]
+fn every_test_or_code_name_in_the_docs_exists_in_the_code() {
+    let root = root();
+    let mut sources = String::new();
+    for dir in [
+        "crates",
+        "tests",
+        "examples",
+        "bench",
+        "migrations",
+        "scripts",
+    ] {
+        rust_sources(&root.join(dir), &mut sources);
+    }
+    let mut problems = Vec::new();
+    let mut named = 0;
+    for path in doc_files(&root) {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let name = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        for (index, line) in text.lines().enumerate() {
+            // `a_lowercase_name_with_five_or_more_underscores` in backticks reads as a test
+            // name; it must be in the code (a metric or a column name is, as a string).
+            for (i, span) in line.split('`').enumerate() {
+                let looks_like_a_test = i % 2 == 1
+                    && span.matches('_').count() >= 5
+                    && span
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if looks_like_a_test {
+                    named += 1;
+                    if !sources.contains(span) {
+                        problems.push(format!("{name}:{}: no test named {span}", index + 1));
+                    }
+                }
+            }
+        }
+    }
+    report("test name", problems);
+    assert!(named > 20, "only {named} test names found");
 }
 
 // ---------------------------------------------------------------------------------------------
