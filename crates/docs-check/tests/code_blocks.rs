@@ -292,6 +292,11 @@ impl Binaries {
         }
         let mut command = cargo();
         command.args(["build", "--quiet", "--bins"]);
+        // The profile this test was built with (`target/<profile>/deps/`).
+        let profile = self.workspace.bin_dir.file_name().and_then(|n| n.to_str());
+        if let Some(profile) = profile.filter(|p| *p != "debug") {
+            command.args(["--profile", profile]);
+        }
         for p in &wanted {
             command.args(["-p", p.as_str()]);
         }
