@@ -6,7 +6,7 @@
 //!   the database are `no_run` (compiled, not run); `ignore` is not used.
 //! - `sh` / `console` blocks: every command must exist (a workspace binary with that
 //!   subcommand and those flags, checked through `--help`; a script; a `cargo` package or test
-//!   target; or a tool on the allow-list), see `tests/code_blocks.rs`.
+//!   target; or a tool on the allow-list), see `tests/code_blocks/shell.rs`.
 //! - `toml` blocks parse as an oncely configuration (`oncely::config::Config`), or, when the
 //!   first line is `# Cargo.toml`, as a manifest fragment whose dependencies exist in this
 //!   workspace at the same versions.
