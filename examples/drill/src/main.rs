@@ -519,7 +519,10 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     let elapsed_s = started.elapsed().as_secs_f64();
     let api = api_stats(&inventory_url).await;
     if let Some(a) = api.filter(|_| kinds.contains(&FaultKind::Api)) {
-        tally.insert("inventory API calls failed (503)", a.failed_on_purpose as usize);
+        tally.insert(
+            "inventory API calls failed (503)",
+            a.failed_on_purpose as usize,
+        );
         tally.insert("inventory API responses lost", a.responses_lost as usize);
     }
     fleet.stop_all(Duration::from_secs(30)).await;

@@ -63,7 +63,8 @@ impl Inbox {
             return Ok(Vec::new());
         }
         // A repeated id in one batch would make the claim touch a row twice: only its first
-        // occurrence is claimed; the others are duplicates of it.
+        // occurrence is claimed; the others are duplicates of it. The claim takes its row
+        // locks in id order, so two batches sharing ids wait for each other, never deadlock.
         let mut first_of: HashMap<String, usize> = HashMap::new();
         let mut firsts: Vec<(usize, Envelope<T>)> = Vec::with_capacity(count);
         for (i, envelope) in envelopes.into_iter().enumerate() {
@@ -85,7 +86,7 @@ impl Inbox {
                     let claimed: HashMap<String, i32> = diesel::sql_query(
                         "INSERT INTO message_inbox \
                        (consumer_name, message_id, status, attempts, processed_at) \
-                     SELECT $1, id, 'processed', 1, now() FROM unnest($2::text[]) AS id \
+                     SELECT $1, id, 'processed', 1, now() FROM unnest($2::text[]) AS id ORDER BY id \
                      ON CONFLICT (consumer_name, message_id) DO UPDATE \
                        SET status = 'processed', attempts = message_inbox.attempts + 1, \
                            processed_at = now(), error_code = NULL, error_message = NULL \
