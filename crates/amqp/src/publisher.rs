@@ -265,7 +265,15 @@ impl ConfirmPublisher {
     /// one: concurrent callers take turns (each a round trip).
     pub async fn publish(&self, message: OutgoingMessage<'_>) -> Result<()> {
         let mut slot = self.channel.lock().await;
-        let channel = self.open_channel(&mut slot).await?;
+        let channel = match self.open_channel(&mut slot).await {
+            Ok(channel) => channel,
+            Err(e) => {
+                // A channel that cannot be opened in time is a publish that timed out.
+                let result = Err(e);
+                record_publish(message.exchange, &result);
+                return result;
+            }
+        };
         // Bound the whole exchange with the broker: a blocked connection holds the publish
         // itself, not only the confirm.
         let deadline = tokio::time::Instant::now() + self.options.confirm_timeout;
