@@ -3,6 +3,7 @@
 //! Run with:
 //!   cargo run -p audit -- run      # consume audit.order-events.q until Ctrl-C / SIGTERM
 //!   cargo run -p audit -- count    # events kept
+//!   METRICS_ADDR=127.0.0.1:9465 cargo run -p audit -- run   # with /metrics and /health/*
 
 use clap::{Parser, Subcommand};
 use oncely::{Consumer, Inbox, PoolOptions};
@@ -38,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = oncely::connect_pool(&cli.services.database_url, &PoolOptions::default());
     match cli.command {
         Command::Run => {
+            let _observability = oncely::observability::serve_from_env(&pool).await?;
             let consumer = Consumer::builder(audit::record_event, Inbox::new(pool))
                 .amqp_url(&cli.services.amqp_url)
                 .topology(audit::topology(&cli.exchange, &cli.queue))
