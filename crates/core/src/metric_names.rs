@@ -66,3 +66,73 @@ pub const OUTBOX_UNPUBLISHED: &str = "oncely_outbox_unpublished_rows";
 pub const OUTBOX_OLDEST_AGE: &str = "oncely_outbox_oldest_unpublished_age_seconds";
 /// Counter: publish attempts of outbox rows; extra label `result` (`published` / `failed`).
 pub const OUTBOX_PUBLISH_ATTEMPTS: &str = "oncely_outbox_publish_attempts_total";
+
+/// Every name above.
+pub const ALL: &[&str] = &[
+    DELIVERIES_RECEIVED,
+    REDELIVERIES,
+    PROCESSED,
+    DUPLICATES,
+    INBOX_CLAIM_CONFLICTS,
+    HANDLER_ERRORS,
+    RETRIES,
+    DEAD_LETTERED,
+    PARKED,
+    REQUEUED,
+    ACK_FAILURES,
+    CONSUMER_RECONNECTS,
+    CONSUMER_CONNECTED,
+    IN_FLIGHT,
+    HANDLER_DURATION,
+    END_TO_END_LATENCY,
+    PUBLISHER_CONFIRMED,
+    PUBLISHER_CONFIRM_LATENCY,
+    PUBLISHER_NACKS,
+    PUBLISHER_RETURNED,
+    PUBLISHER_CONFIRM_TIMEOUTS,
+    PUBLISHER_OUTSTANDING,
+    OUTBOX_UNPUBLISHED,
+    OUTBOX_OLDEST_AGE,
+    OUTBOX_PUBLISH_ATTEMPTS,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::ALL;
+
+    /// The `oncely_*` names a text mentions, histogram suffixes removed.
+    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("oncely_") && w.len() > "oncely_".len())
+            .map(|w| {
+                ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| w.strip_suffix(s))
+                    .unwrap_or(w)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dashboard_uses_only_recorded_metric_names() {
+        let dashboard = include_str!("../../../docs/grafana-dashboard.json");
+        for name in mentioned(dashboard) {
+            assert!(
+                ALL.contains(&name.as_str()),
+                "dashboard uses unknown {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn observability_doc_describes_every_metric() {
+        let doc = mentioned(include_str!("../../../docs/observability.md"));
+        for name in ALL {
+            assert!(
+                doc.contains(*name),
+                "docs/observability.md does not describe {name}"
+            );
+        }
+    }
+}
