@@ -439,6 +439,7 @@ async fn handle_delivery(
                     let (delay, next_attempt) = (*delay, *next_attempt);
                     tracing::info!(code = %reason.code, reason = %reason.message, ?delay, next_attempt, "retrying in place");
                     ConsumerStats::bump(&shared.stats.retried);
+                    metrics.count_by_code(names::RETRIES, &reason.code, Some(tier_label(delay)));
                     tokio::time::sleep(delay).await;
                     metadata.attempt = next_attempt;
                     tracing::Span::current().record("attempt", metadata.attempt);
@@ -606,7 +607,7 @@ async fn settle(
             return;
         }
         ConsumerStats::bump(counter);
-        metrics.set_aside(metric, &reason.code, tier);
+        metrics.count_by_code(metric, &reason.code, tier);
     }
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => tracing::info!("settled"),

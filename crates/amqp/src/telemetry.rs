@@ -57,8 +57,8 @@ impl ConsumerMetrics {
         }
     }
 
-    /// A copy sent aside: `name` is one of the retry, dead-letter or parking counters.
-    pub fn set_aside(&self, name: &'static str, code: &str, tier: Option<String>) {
+    /// Counts one retry, dead letter or park (`name`) with its error code and retry tier.
+    pub fn count_by_code(&self, name: &'static str, code: &str, tier: Option<String>) {
         let mut labels = vec![
             ("queue", self.queue.clone()),
             ("consumer", self.consumer.clone()),
