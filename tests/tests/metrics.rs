@@ -319,6 +319,8 @@ impl Handler for LosesItsAck {
             if !self.closed.swap(true, Ordering::SeqCst) {
                 let closed = self.harness.close_consumer_connections().await;
                 assert_eq!(closed, 1, "the consumer's connection");
+                // Let the client read the broker's close before the runtime tries to ack.
+                tokio::time::sleep(Duration::from_millis(300)).await;
             }
             Ok(())
         })
