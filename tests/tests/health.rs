@@ -5,33 +5,9 @@
 use billing::create_invoice;
 use oncely::PoolOptions;
 use oncely::observability::Observability;
-use oncely_e2e::Harness;
+use oncely_e2e::{Harness, http_get};
 use std::net::SocketAddr;
 use std::time::Duration;
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 async fn wait_status(addr: SocketAddr, expected: u16) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

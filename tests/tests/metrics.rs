@@ -13,30 +13,10 @@ use oncely::{
     AmqpError, AsyncPgConnection, BoxFuture, ConfirmPublisher, Envelope, Handler, HandlerError,
     OutgoingMessage, RetryPolicy,
 };
-use oncely_e2e::{Harness, wait_until};
+use oncely_e2e::{Harness, http_get, metric_value as value, wait_until};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-/// The value of the series `name` whose labels include all of `labels`; 0 when absent.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, number) = line.rsplit_once(' ')?;
-            let (series_name, series_labels) = match series.split_once('{') {
-                Some((n, l)) => (n, l),
-                None => (series, ""),
-            };
-            (series_name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\""))))
-            .then(|| number.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
-}
 
 fn scrape() -> String {
     install_recorder().expect("recorder").render()
@@ -51,31 +31,6 @@ async fn expect_metric(name: &str, labels: &[(&str, &str)], expected: f64) {
     )
     .await;
     assert_eq!(value(&scrape(), name, labels), expected, "{name}{labels:?}");
-}
-
-/// GET `path` from `addr` over HTTP/1.0: (status, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
