@@ -6,6 +6,7 @@ use crate::error::{AmqpError, Result, short};
 use crate::properties::{CopyHeaders, copy_properties, raw_metadata};
 use crate::publisher::{ConfirmPublisher, OutgoingMessage};
 use crate::stats::ConsumerStats;
+use crate::telemetry::{ConsumerMetrics, InFlight};
 use crate::topology::Topology;
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
@@ -14,11 +15,13 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use oncely_core::{ContractLimits, Decision, Metadata, Reason};
+use oncely_core::health::{Kind, Registry};
+use oncely_core::metric_names as names;
+use oncely_core::{ContractLimits, Decision, Metadata, Reason, tier_label};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{Instrument, field};
@@ -134,6 +137,16 @@ struct Shared {
     options: ConsumerOptions,
     processor: Arc<dyn DeliveryProcessor>,
     stats: Arc<ConsumerStats>,
+    metrics: OnceLock<ConsumerMetrics>,
+}
+
+impl Shared {
+    /// The metric handles, taken at first use (after the application installed its recorder).
+    fn metrics(&self) -> &ConsumerMetrics {
+        self.metrics.get_or_init(|| {
+            ConsumerMetrics::new(self.options.topology.queue(), &self.options.consumer_name)
+        })
+    }
 }
 
 impl std::fmt::Debug for ConsumerRuntime {
@@ -164,6 +177,7 @@ impl ConsumerRuntime {
                 options,
                 processor,
                 stats: Arc::new(ConsumerStats::default()),
+                metrics: OnceLock::new(),
             }),
         }
     }
@@ -181,6 +195,18 @@ impl ConsumerRuntime {
     /// Returns an error only for what retrying cannot fix: a topology conflict.
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let options = &self.shared.options;
+        let metrics = self.shared.metrics();
+        metrics.connected.set(0.0);
+        // Down until the first connection: readiness waits for it (within its grace period).
+        let broker = Registry::global().register(
+            format!(
+                "consumer {} ({})",
+                options.consumer_name,
+                options.topology.queue()
+            ),
+            Kind::Broker,
+            false,
+        );
         tokio::pin!(shutdown);
         let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
@@ -198,6 +224,7 @@ impl ConsumerRuntime {
                 Ok(opened) => opened,
                 Err(e @ AmqpError::TopologyConflict { .. }) => return Err(e),
                 Err(e) => {
+                    broker.down();
                     let delay = options.reconnect.delay(failures);
                     failures = failures.saturating_add(1);
                     tracing::warn!(consumer = %options.consumer_name, error = %e, ?delay, "cannot consume, retrying");
@@ -211,8 +238,11 @@ impl ConsumerRuntime {
                 }
             };
             failures = 0;
+            broker.up();
+            metrics.connected.set(1.0);
             if connected_before {
                 ConsumerStats::bump(&self.shared.stats.reconnects);
+                metrics.reconnects.increment(1);
             }
             connected_before = true;
             tracing::info!(consumer = %options.consumer_name, queue = %options.topology.queue(), "consuming");
@@ -259,10 +289,13 @@ impl ConsumerRuntime {
                     drain(&mut tasks, options.shutdown_timeout).await;
                     close_channel(&session.channel, 200, "shutdown").await;
                     close_connection(&session.connection, 200, "shutdown").await;
+                    metrics.connected.set(0.0);
                     tracing::info!(consumer = %options.consumer_name, "stopped");
                     return Ok(());
                 }
                 LoopEnd::ConnectionLost => {
+                    broker.down();
+                    metrics.connected.set(0.0);
                     close_connection(&session.connection, 320, "reconnecting").await;
                     let delay = options.reconnect.delay(0);
                     tokio::select! {
@@ -354,6 +387,8 @@ async fn handle_delivery(
         redelivered = delivery.redelivered,
         message_id = field::Empty,
         correlation_id = field::Empty,
+        causation_id = field::Empty,
+        trace_id = field::Empty,
         attempt = field::Empty,
         dedup = field::Empty,
         decision = field::Empty,
@@ -367,7 +402,13 @@ async fn handle_delivery(
     }
     async move {
         let options = &shared.options;
+        let metrics = shared.metrics();
+        let _in_flight = InFlight::new(&metrics.in_flight);
         ConsumerStats::bump(&shared.stats.received);
+        metrics.received.increment(1);
+        if delivery.redelivered {
+            metrics.redelivered.increment(1);
+        }
         let (processed, attempt, metadata) = match Metadata::from_raw(raw, &options.limits) {
             Err(violation) => (
                 Processed::Decision(Decision::DeadLetter {
@@ -377,11 +418,15 @@ async fn handle_delivery(
                 None,
             ),
             Ok(mut metadata) => {
-                tracing::Span::current().record("attempt", metadata.attempt);
-                let mut processed = shared
-                    .processor
-                    .process(metadata.clone(), &delivery.data)
-                    .await;
+                let span = tracing::Span::current();
+                span.record("attempt", metadata.attempt);
+                if let Some(id) = &metadata.causation_id {
+                    span.record("causation_id", id.as_str());
+                }
+                if let Some(id) = metadata.trace_id() {
+                    span.record("trace_id", id);
+                }
+                let mut processed = process(&shared, &metadata, &delivery.data).await;
                 // Strict order: retry on this very delivery, so no later message overtakes it.
                 while options.retry_in_place
                     && let Processed::Decision(Decision::Retry {
@@ -394,13 +439,11 @@ async fn handle_delivery(
                     let (delay, next_attempt) = (*delay, *next_attempt);
                     tracing::info!(code = %reason.code, reason = %reason.message, ?delay, next_attempt, "retrying in place");
                     ConsumerStats::bump(&shared.stats.retried);
+                    metrics.count_by_code(names::RETRIES, &reason.code, Some(tier_label(delay)));
                     tokio::time::sleep(delay).await;
                     metadata.attempt = next_attempt;
                     tracing::Span::current().record("attempt", metadata.attempt);
-                    processed = shared
-                        .processor
-                        .process(metadata.clone(), &delivery.data)
-                        .await;
+                    processed = process(&shared, &metadata, &delivery.data).await;
                 }
                 (processed, metadata.attempt, Some(metadata))
             }
@@ -413,22 +456,41 @@ async fn handle_delivery(
             close_connection(&session.connection, 320, "fault injection: crash after commit").await;
             return;
         }
-        settle(&shared, &session, &delivery, processed, attempt, permit).await;
+        let occurred_at = metadata.and_then(|m| m.occurred_at);
+        settle(&shared, &session, &delivery, processed, attempt, occurred_at, permit).await;
     }
     .instrument(span)
     .await
 }
 
+/// Runs the processor with `metadata` as the cause of whatever it publishes, timed.
+async fn process(shared: &Shared, metadata: &Metadata, body: &[u8]) -> Processed {
+    let started = Instant::now();
+    let processed = crate::cause::with_cause(
+        metadata.clone(),
+        shared.processor.process(metadata.clone(), body),
+    )
+    .await;
+    shared
+        .metrics()
+        .handler_duration
+        .record(started.elapsed().as_secs_f64());
+    processed
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     shared: &Shared,
     session: &Session,
     delivery: &Delivery,
     processed: Processed,
     attempt: u32,
+    occurred_at: Option<u64>,
     permit: OwnedSemaphorePermit,
 ) {
     let span = tracing::Span::current();
     let stats = &shared.stats;
+    let metrics = shared.metrics();
     let topology = &shared.options.topology;
     let decision = match processed {
         Processed::Decision(decision) => decision,
@@ -444,11 +506,17 @@ async fn settle(
         Decision::Ack => {
             span.record("dedup", "new");
             ConsumerStats::bump(&stats.processed);
+            metrics.processed.increment(1);
+            if let Some(at) = occurred_at {
+                let now = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0);
+                metrics.end_to_end.record(now.saturating_sub(at) as f64);
+            }
             None
         }
         Decision::AckDuplicate => {
             span.record("dedup", "duplicate");
             ConsumerStats::bump(&stats.duplicates);
+            metrics.duplicates.increment(1);
             None
         }
         Decision::Retry {
@@ -459,7 +527,16 @@ async fn settle(
         } => match topology.retry_queue(*tier) {
             Some(queue) => {
                 tracing::info!(code = %reason.code, reason = %reason.message, ?delay, next_attempt, "retrying later");
-                Some((queue, reason.clone(), *next_attempt, false, &stats.retried))
+                let tier = topology.tiers().get(*tier).map(|d| tier_label(*d));
+                Some((
+                    queue,
+                    reason.clone(),
+                    *next_attempt,
+                    false,
+                    &stats.retried,
+                    names::RETRIES,
+                    tier,
+                ))
             }
             None => {
                 let reason = Reason::new(
@@ -469,7 +546,15 @@ async fn settle(
                         reason.code, reason.message
                     ),
                 );
-                Some((topology.dlq(), reason, attempt, true, &stats.dead_lettered))
+                Some((
+                    topology.dlq(),
+                    reason,
+                    attempt,
+                    true,
+                    &stats.dead_lettered,
+                    names::DEAD_LETTERED,
+                    None,
+                ))
             }
         },
         Decision::DeadLetter { reason } => Some((
@@ -478,6 +563,8 @@ async fn settle(
             attempt,
             true,
             &stats.dead_lettered,
+            names::DEAD_LETTERED,
+            None,
         )),
         Decision::Park { reason } => Some((
             topology.parking(),
@@ -485,10 +572,12 @@ async fn settle(
             attempt,
             true,
             &stats.parked,
+            names::PARKED,
+            None,
         )),
         _ => None,
     };
-    if let Some((queue, reason, attempt, final_copy, counter)) = copy_to {
+    if let Some((queue, reason, attempt, final_copy, counter, metric, tier)) = copy_to {
         if final_copy {
             tracing::warn!(code = %reason.code, reason = %reason.message, to = %queue, "message set aside");
         }
@@ -518,11 +607,13 @@ async fn settle(
             return;
         }
         ConsumerStats::bump(counter);
+        metrics.count_by_code(metric, &reason.code, tier);
     }
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => tracing::info!("settled"),
         Ok(false) | Err(_) => {
             ConsumerStats::bump(&stats.ack_failures);
+            metrics.ack_failures.increment(1);
             tracing::warn!(
                 "ack not sent (channel gone); the broker will redeliver and the inbox will recognise it"
             );
@@ -535,11 +626,12 @@ async fn settle(
 async fn requeue_later(shared: &Shared, delivery: &Delivery, permit: OwnedSemaphorePermit) {
     drop(permit);
     tokio::time::sleep(shared.options.requeue_delay).await;
-    requeue(&shared.stats, delivery).await;
+    requeue(shared, delivery).await;
 }
 
-async fn requeue(stats: &ConsumerStats, delivery: &Delivery) {
-    ConsumerStats::bump(&stats.requeued);
+async fn requeue(shared: &Shared, delivery: &Delivery) {
+    ConsumerStats::bump(&shared.stats.requeued);
+    shared.metrics().requeued.increment(1);
     let options = BasicNackOptions {
         requeue: true,
         multiple: false,

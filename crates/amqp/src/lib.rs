@@ -13,6 +13,7 @@
 //!
 //! [`Decision`]: oncely_core::Decision
 
+mod cause;
 mod connection;
 mod consumer;
 mod error;
@@ -20,8 +21,10 @@ mod producer;
 mod properties;
 mod publisher;
 mod stats;
+mod telemetry;
 mod topology;
 
+pub use cause::{caused_by, current_cause, with_cause};
 pub use connection::{Backoff, close_channel, close_connection, connect};
 pub use consumer::{
     ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,

@@ -4,11 +4,12 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString};
 use oncely_core::{HeaderValue, RawMetadata, Reason, headers};
 
-const CONTRACT_HEADERS: [&str; 4] = [
+const CONTRACT_HEADERS: [&str; 5] = [
     headers::CAUSATION_ID,
     headers::TENANT_ID,
     headers::IDEMPOTENCY_KEY,
     headers::ATTEMPT,
+    headers::TRACEPARENT,
 ];
 
 /// Longest reason text written to a header.

@@ -1,6 +1,7 @@
 //! Confirmed, persistent, mandatory publishing.
 
 use crate::error::{AmqpError, Result, short};
+use crate::telemetry::{AwaitedConfirm, record_publish};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::Arc;
@@ -115,11 +116,12 @@ impl ConfirmPublisher {
         };
         let mut results: Vec<Result<()>> = messages.iter().map(|_| Ok(())).collect();
         let mut returned = Vec::new();
-        let mut pending = std::collections::VecDeque::new();
+        let mut pending: std::collections::VecDeque<(usize, _, _, AwaitedConfirm)> =
+            std::collections::VecDeque::new();
         let mut broken = false;
         for (index, message) in messages.iter().enumerate() {
             if pending.len() >= max_outstanding.max(1)
-                && let Some((i, deadline, confirm)) = pending.pop_front()
+                && let Some((i, deadline, confirm, awaited)) = pending.pop_front()
             {
                 broken |= self
                     .settle_batch_confirm(
@@ -130,6 +132,9 @@ impl ConfirmPublisher {
                         &mut returned,
                     )
                     .await;
+                if !matches!(results[i], Err(AmqpError::ConfirmTimeout { .. })) {
+                    awaited.answered();
+                }
             }
             if broken {
                 // The channel failed (a blocked broker, a lost connection): sending the rest would
@@ -141,14 +146,17 @@ impl ConfirmPublisher {
             }
             let deadline = tokio::time::Instant::now() + self.options.confirm_timeout;
             match self.send(&channel, message, deadline).await {
-                Ok(confirm) => pending.push_back((index, deadline, confirm)),
+                Ok(confirm) => {
+                    let awaited = AwaitedConfirm::new(message.exchange);
+                    pending.push_back((index, deadline, confirm, awaited));
+                }
                 Err(e) => {
                     broken = true;
                     results[index] = Err(e);
                 }
             }
         }
-        for (i, deadline, confirm) in pending {
+        for (i, deadline, confirm, awaited) in pending {
             broken |= self
                 .settle_batch_confirm(
                     &messages[i],
@@ -158,6 +166,9 @@ impl ConfirmPublisher {
                     &mut returned,
                 )
                 .await;
+            if !matches!(results[i], Err(AmqpError::ConfirmTimeout { .. })) {
+                awaited.answered();
+            }
         }
         for back in returned {
             let owner = messages.iter().enumerate().position(|(i, m)| {
@@ -173,6 +184,9 @@ impl ConfirmPublisher {
         }
         if broken {
             *slot = None;
+        }
+        for (message, result) in messages.iter().zip(&results) {
+            record_publish(message.exchange, result);
         }
         results
     }
@@ -224,7 +238,7 @@ impl ConfirmPublisher {
             mandatory: self.options.mandatory,
             ..BasicPublishOptions::default()
         };
-        let properties = message.properties.clone().with_delivery_mode(2);
+        let properties = crate::cause::stamp(message.properties.clone()).with_delivery_mode(2);
         match tokio::time::timeout_at(
             deadline,
             channel.basic_publish(exchange, routing_key, options, message.body, properties),
@@ -251,18 +265,33 @@ impl ConfirmPublisher {
     /// one: concurrent callers take turns (each a round trip).
     pub async fn publish(&self, message: OutgoingMessage<'_>) -> Result<()> {
         let mut slot = self.channel.lock().await;
-        let channel = self.open_channel(&mut slot).await?;
+        let channel = match self.open_channel(&mut slot).await {
+            Ok(channel) => channel,
+            Err(e) => {
+                // A channel that cannot be opened in time is a publish that timed out.
+                let result = Err(e);
+                record_publish(message.exchange, &result);
+                return result;
+            }
+        };
         // Bound the whole exchange with the broker: a blocked connection holds the publish
         // itself, not only the confirm.
         let deadline = tokio::time::Instant::now() + self.options.confirm_timeout;
         let result = match self.send(&channel, &message, deadline).await {
-            Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(confirmation)) => confirmation_result(&message, confirmation),
-                Ok(Err(e)) => Err(AmqpError::Connection(e)),
-                Err(_) => Err(self.timeout_error(&message)),
-            },
+            Ok(confirm) => {
+                let awaited = AwaitedConfirm::new(message.exchange);
+                match tokio::time::timeout_at(deadline, confirm).await {
+                    Ok(Ok(confirmation)) => {
+                        awaited.answered();
+                        confirmation_result(&message, confirmation)
+                    }
+                    Ok(Err(e)) => Err(AmqpError::Connection(e)),
+                    Err(_) => Err(self.timeout_error(&message)),
+                }
+            }
             Err(e) => Err(e),
         };
+        record_publish(message.exchange, &result);
         if matches!(
             result,
             Err(AmqpError::Connection(_) | AmqpError::ConfirmTimeout { .. })

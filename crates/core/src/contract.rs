@@ -25,6 +25,9 @@ pub mod headers {
     pub const ORIGINAL_ROUTING_KEY: &str = "x-oncely-original-routing-key";
     /// RFC 3339 time at which the message was dead-lettered or parked.
     pub const FAILED_AT: &str = "x-oncely-failed-at";
+    /// W3C trace context (`00-<trace id>-<parent id>-<flags>`), carried so that the spans of one
+    /// message join across services.
+    pub const TRACEPARENT: &str = "traceparent";
 }
 
 /// A header value as the transport saw it, reduced to what the contract needs.
@@ -183,6 +186,9 @@ pub struct Metadata {
     pub attempt: u32,
     /// Whether the broker flagged this delivery as redelivered.
     pub redelivered: bool,
+    /// W3C `traceparent` header, when present and well-formed (a malformed one is ignored, as the
+    /// W3C recommendation asks, never a reason to reject the message).
+    pub traceparent: Option<String>,
 }
 
 impl Metadata {
@@ -227,6 +233,7 @@ impl Metadata {
             idempotency_key: None,
             attempt: 1,
             redelivered: raw.redelivered,
+            traceparent: None,
         };
         for (name, value) in raw.headers {
             match name.as_str() {
@@ -238,6 +245,12 @@ impl Metadata {
                     metadata.idempotency_key = Some(text_header(&name, value, limits)?)
                 }
                 headers::ATTEMPT => metadata.attempt = attempt_header(&name, value)?,
+                headers::TRACEPARENT => {
+                    metadata.traceparent = match value {
+                        HeaderValue::Text(text) if is_traceparent(&text) => Some(text),
+                        _ => None,
+                    }
+                }
                 _ => {}
             }
         }
@@ -257,8 +270,41 @@ impl Metadata {
             idempotency_key: None,
             attempt: 1,
             redelivered: false,
+            traceparent: None,
         }
     }
+
+    /// The trace id of the `traceparent` header (32 hex digits), if any.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.traceparent.as_deref().and_then(|t| t.get(3..35))
+    }
+
+    /// The correlation id of messages caused by this one: its own correlation id, or, when it
+    /// has none, its message id (the first message of a conversation starts it).
+    pub fn caused_correlation_id(&self) -> &str {
+        self.correlation_id.as_deref().unwrap_or(&self.message_id)
+    }
+}
+
+/// True for a W3C trace context `traceparent` of version 00:
+/// `00-<32 lowercase hex, not all zero>-<16 lowercase hex, not all zero>-<2 hex>`.
+///
+/// ```
+/// assert!(oncely_core::is_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+/// assert!(!oncely_core::is_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+/// assert!(!oncely_core::is_traceparent("garbage"));
+/// ```
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let not_zero = |s: &str| s.bytes().any(|b| b != b'0');
+    matches!(parts.as_slice(), [version, trace, parent, flags]
+        if *version == "00" && hex(trace, 32) && not_zero(trace)
+            && hex(parent, 16) && not_zero(parent) && hex(flags, 2))
 }
 
 fn is_json(content_type: &str) -> bool {
@@ -393,6 +439,32 @@ mod tests {
         assert_eq!(m.idempotency_key.as_deref(), Some("k-1"));
         assert_eq!(m.attempt, 3);
         assert!(m.redelivered);
+    }
+
+    #[test]
+    fn traceparent_is_kept_when_well_formed_and_ignored_otherwise() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut r = raw("m");
+        r.headers = vec![("traceparent".into(), HeaderValue::Text(good.into()))];
+        let m = check(r).expect("valid");
+        assert_eq!(m.traceparent.as_deref(), Some(good));
+        assert_eq!(m.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for bad in [
+            HeaderValue::Text("00-xyz-00f067aa0ba902b7-01".into()),
+            HeaderValue::Integer(7),
+        ] {
+            let mut r = raw("m");
+            r.headers = vec![("traceparent".into(), bad)];
+            assert_eq!(check(r).expect("still valid").traceparent, None);
+        }
+    }
+
+    #[test]
+    fn caused_messages_take_the_correlation_id_or_start_one() {
+        let mut m = Metadata::with_message_id("m-1");
+        assert_eq!(m.caused_correlation_id(), "m-1");
+        m.correlation_id = Some("c-1".into());
+        assert_eq!(m.caused_correlation_id(), "c-1");
     }
 
     #[test]

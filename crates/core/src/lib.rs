@@ -23,10 +23,13 @@
 mod contract;
 mod decision;
 mod error;
+pub mod health;
+pub mod metric_names;
 mod retry;
 
 pub use contract::{
     ContractLimits, ContractViolation, Envelope, HeaderValue, Metadata, RawMetadata, headers,
+    is_traceparent,
 };
 pub use decision::{Classifier, Decision, DefaultClassifier, Reason};
 pub use error::{ErrorKind, HandlerError};

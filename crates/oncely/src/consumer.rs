@@ -5,13 +5,16 @@ use oncely_amqp::{
     ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed, StatsSnapshot,
     Topology,
 };
+use oncely_core::health::{Component, Kind, Registry};
+use oncely_core::metric_names as names;
 use oncely_core::{
     Classifier, ContractLimits, Decision, DefaultClassifier, Envelope, Metadata, Reason,
     RetryPolicy,
 };
 use oncely_inbox::{BoxFuture, Inbox, InboxError, Outcome};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A consumer whose handler's change commits together with the inbox row, before the ack.
@@ -323,12 +326,13 @@ impl<H: Handler> ConsumerBuilder<H> {
         if let Some(v) = self.shutdown_timeout {
             options.shutdown_timeout = v;
         }
-        let processor = InboxProcessor {
-            handler: Arc::new(self.handler),
-            inbox: self.inbox,
-            policy: self.policy,
-            classifier: self.classifier,
-        };
+        let processor = InboxProcessor::new(
+            self.handler,
+            self.inbox,
+            self.policy,
+            self.classifier,
+            topology.queue(),
+        );
         Consumer {
             runtime: ConsumerRuntime::new(options, Arc::new(processor)),
             topology,
@@ -336,18 +340,101 @@ impl<H: Handler> ConsumerBuilder<H> {
     }
 }
 
+/// The metric labels of one consumer.
+pub(crate) struct Labels {
+    pub(crate) queue: String,
+    pub(crate) consumer: String,
+}
+
 /// Runs a handler through the inbox and turns the outcome into what the runtime does.
 pub(crate) struct InboxProcessor<H> {
+    pub(crate) labels: Labels,
+    /// The database as this consumer last found it (up until an infrastructure failure).
+    pub(crate) database: Component,
+    /// Message ids being processed now, with how many deliveries of each.
+    pub(crate) in_flight: Mutex<HashMap<String, usize>>,
     pub(crate) handler: Arc<H>,
     pub(crate) inbox: Inbox,
     pub(crate) policy: RetryPolicy,
     pub(crate) classifier: Arc<dyn Classifier>,
 }
 
+/// Counts a message id as in flight until dropped.
+struct InFlightId<'a> {
+    ids: &'a Mutex<HashMap<String, usize>>,
+    id: String,
+}
+
+impl Drop for InFlightId<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut ids) = self.ids.lock()
+            && let Some(n) = ids.get_mut(&self.id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                ids.remove(&self.id);
+            }
+        }
+    }
+}
+
 impl<H: Handler> InboxProcessor<H> {
+    /// A processor of `handler` consuming `queue` (the queue is a metric label).
+    pub(crate) fn new(
+        handler: H,
+        inbox: Inbox,
+        policy: RetryPolicy,
+        classifier: Arc<dyn Classifier>,
+        queue: &str,
+    ) -> Self {
+        let consumer = handler.consumer_name().to_owned();
+        InboxProcessor {
+            database: Registry::global().register(
+                format!("consumer {consumer} ({queue})"),
+                Kind::Database,
+                true,
+            ),
+            labels: Labels {
+                queue: queue.to_owned(),
+                consumer,
+            },
+            in_flight: Mutex::new(HashMap::new()),
+            handler: Arc::new(handler),
+            inbox,
+            policy,
+            classifier,
+        }
+    }
+
+    /// Marks `id` in flight; true when another delivery of it already was (a concurrent
+    /// duplicate, which will wait on the first one's inbox row lock).
+    fn enter(&self, id: &str) -> (InFlightId<'_>, bool) {
+        let conflict = match self.in_flight.lock() {
+            Ok(mut ids) => {
+                let n = ids.entry(id.to_owned()).or_insert(0);
+                *n += 1;
+                *n > 1
+            }
+            Err(_) => false,
+        };
+        let guard = InFlightId {
+            ids: &self.in_flight,
+            id: id.to_owned(),
+        };
+        (guard, conflict)
+    }
+
     /// Runs `envelope` through the inbox and the handler.
     pub(crate) async fn run(&self, envelope: Envelope<H::Message>) -> Processed {
         let attempt = envelope.metadata.attempt;
+        let labels = [
+            ("queue", self.labels.queue.clone()),
+            ("consumer", self.labels.consumer.clone()),
+        ];
+        let (_in_flight, conflict) = self.enter(&envelope.metadata.message_id);
+        if conflict {
+            metrics::counter!(names::INBOX_CLAIM_CONFLICTS, &labels).increment(1);
+        }
         let handler = self.handler.clone();
         let result = self
             .inbox
@@ -356,20 +443,41 @@ impl<H: Handler> InboxProcessor<H> {
             })
             .await;
         match result {
-            Ok(Outcome::Processed { .. }) => Processed::Decision(Decision::Ack),
-            Ok(Outcome::Duplicate) => Processed::Decision(Decision::AckDuplicate),
+            Ok(Outcome::Processed { .. }) => {
+                self.database.up();
+                Processed::Decision(Decision::Ack)
+            }
+            Ok(Outcome::Duplicate) => {
+                self.database.up();
+                Processed::Decision(Decision::AckDuplicate)
+            }
             Err(InboxError::Handler(error)) => {
+                self.database.up();
                 tracing::info!(
                     kind = error.kind().as_str(),
                     code = error.code(),
                     error = error.message(),
                     "handler failed"
                 );
+                let [queue, consumer] = labels;
+                metrics::counter!(
+                    names::HANDLER_ERRORS,
+                    &[
+                        queue,
+                        consumer,
+                        ("kind", error.kind().as_str().to_owned()),
+                        ("code", error.code().to_owned()),
+                    ]
+                )
+                .increment(1);
                 Processed::Decision(self.classifier.classify(&error, attempt, &self.policy))
             }
-            Err(infrastructure) => Processed::Requeue {
-                reason: infrastructure.to_string(),
-            },
+            Err(infrastructure) => {
+                self.database.down();
+                Processed::Requeue {
+                    reason: infrastructure.to_string(),
+                }
+            }
         }
     }
 }

@@ -3,6 +3,8 @@
 pub mod config;
 mod consumer;
 mod handler;
+#[cfg(feature = "observability")]
+pub mod observability;
 mod shutdown;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -15,11 +17,11 @@ pub use diesel_async::AsyncPgConnection;
 pub use oncely_amqp::{
     AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, FaultInjection,
     OutgoingMessage, Processed, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology,
-    close_channel, close_connection, connect,
+    caused_by, close_channel, close_connection, connect, current_cause,
 };
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
-    ErrorKind, HandlerError, Metadata, Reason, RetryPolicy, headers,
+    ErrorKind, HandlerError, Metadata, Reason, RetryPolicy, headers, health, metric_names,
 };
 pub use oncely_inbox::{
     INBOX_MIGRATIONS, INBOX_SQL, Inbox, InboxError, InboxRow, MigrationError, Outcome, Pool,

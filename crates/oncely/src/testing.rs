@@ -37,12 +37,13 @@ impl<H: Handler> TestWorker<H> {
         classifier: impl Classifier + 'static,
     ) -> Self {
         TestWorker {
-            processor: InboxProcessor {
-                handler: Arc::new(handler),
+            processor: InboxProcessor::new(
+                handler,
                 inbox,
                 policy,
-                classifier: Arc::new(classifier),
-            },
+                Arc::new(classifier),
+                "test-worker",
+            ),
         }
     }
 

@@ -29,7 +29,8 @@ mod schema;
 
 pub use message::{NewOutboxMessage, enqueue, enqueue_many};
 pub use relay::{
-    CycleOutcome, Relay, RelayError, RelayFault, RelayOptions, RelayStats, RelayStatsSnapshot,
+    Backlog, CycleOutcome, Relay, RelayError, RelayFault, RelayOptions, RelayStats,
+    RelayStatsSnapshot,
 };
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};

@@ -3,6 +3,7 @@
 use crate::schema::outbox_message;
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use oncely_core::{Metadata, headers};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -59,13 +60,57 @@ impl NewOutboxMessage {
         }
         self
     }
+
+    /// Marks the event as caused by the handled message `cause`: its correlation id (or, when it
+    /// has none, its message id), `causation_id` = its message id, and its W3C `traceparent`.
+    /// Headers already set are kept. [`enqueue`] does this by itself inside a handler; call it
+    /// when you enqueue from another task.
+    ///
+    /// ```
+    /// # use oncely_outbox::NewOutboxMessage;
+    /// # use oncely_core::Metadata;
+    /// let mut handled = Metadata::with_message_id("order.created.v1:ord-1");
+    /// handled.correlation_id = Some("req-42".into());
+    /// let event = NewOutboxMessage::new("invoice.created.v1:ord-1", "invoice", "ord-1",
+    ///     "invoice.created.v1", "billing.events", "invoice.created.v1", &serde_json::json!({}))?
+    ///     .caused_by(&handled);
+    /// assert_eq!(event.headers["correlation_id"], "req-42");
+    /// assert_eq!(event.headers["causation_id"], "order.created.v1:ord-1");
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
+    pub fn caused_by(mut self, cause: &Metadata) -> Self {
+        if !self.headers.is_object() {
+            self.headers = Value::Object(Map::new());
+        }
+        if let Value::Object(map) = &mut self.headers {
+            let mut set = |name: &str, value: &str| {
+                map.entry(name.to_owned())
+                    .or_insert_with(|| Value::String(value.to_owned()));
+            };
+            set("correlation_id", cause.caused_correlation_id());
+            set(headers::CAUSATION_ID, &cause.message_id);
+            if let Some(traceparent) = &cause.traceparent {
+                set(headers::TRACEPARENT, traceparent);
+            }
+        }
+        self
+    }
+}
+
+/// `message` marked as caused by the message the current task handles, if any.
+fn stamped(message: &NewOutboxMessage) -> Option<NewOutboxMessage> {
+    oncely_amqp::current_cause().map(|cause| message.clone().caused_by(&cause))
 }
 
 /// Writes `message` through `conn`, inside whatever transaction the caller has open: it commits
 /// or rolls back with the business change. A second enqueue of the same id is a unique violation.
+///
+/// Inside a handler, the event is marked as caused by the handled message (see
+/// [`NewOutboxMessage::caused_by`]).
 pub async fn enqueue(conn: &mut AsyncPgConnection, message: &NewOutboxMessage) -> QueryResult<()> {
+    let stamped = stamped(message);
     diesel::insert_into(outbox_message::table)
-        .values(message)
+        .values(stamped.as_ref().unwrap_or(message))
         .execute(conn)
         .await
         .map(|_| ())
@@ -77,8 +122,9 @@ pub async fn enqueue_many(
     conn: &mut AsyncPgConnection,
     messages: &[NewOutboxMessage],
 ) -> QueryResult<()> {
+    let stamped: Option<Vec<NewOutboxMessage>> = messages.iter().map(stamped).collect();
     diesel::insert_into(outbox_message::table)
-        .values(messages)
+        .values(stamped.as_deref().unwrap_or(messages))
         .execute(conn)
         .await
         .map(|_| ())

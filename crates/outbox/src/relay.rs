@@ -8,6 +8,8 @@ use futures_util::StreamExt;
 use oncely_amqp::lapin::BasicProperties;
 use oncely_amqp::lapin::types::{AMQPValue, FieldTable, LongString};
 use oncely_amqp::{Backoff, OutgoingMessage, Publisher};
+use oncely_core::health::{Component, Kind, Registry};
+use oncely_core::metric_names as names;
 use oncely_inbox::Pool;
 use serde_json::Value;
 use std::future::Future;
@@ -33,6 +35,11 @@ pub struct RelayOptions {
     pub cleanup_interval: Duration,
     /// `app_id` of published messages.
     pub app_id: Option<String>,
+    /// Name of this relay in metrics (label `relay`) and health reports. Default `outbox`.
+    pub name: String,
+    /// How often the backlog gauges (unpublished rows, oldest unpublished age) are refreshed
+    /// with a count over the unpublished rows. Default 5 s.
+    pub backlog_interval: Duration,
 }
 
 impl Default for RelayOptions {
@@ -49,6 +56,8 @@ impl Default for RelayOptions {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             cleanup_interval: Duration::from_secs(60),
             app_id: None,
+            name: "outbox".to_owned(),
+            backlog_interval: Duration::from_secs(5),
         }
     }
 }
@@ -86,6 +95,28 @@ pub struct CycleOutcome {
     /// Rows whose publish failed (recorded, retried later).
     pub failed: usize,
 }
+
+/// The unpublished part of the outbox at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Backlog {
+    /// Rows not yet published.
+    pub unpublished: i64,
+    /// Age of the oldest of them; zero when there is none.
+    pub oldest_age: Duration,
+}
+
+#[derive(diesel::QueryableByName)]
+struct BacklogRow {
+    #[diesel(sql_type = BigInt)]
+    unpublished: i64,
+    #[diesel(sql_type = Double)]
+    oldest_age_secs: f64,
+}
+
+const BACKLOG: &str = "\
+SELECT count(*) AS unpublished,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_age_secs
+FROM outbox_message WHERE published_at IS NULL";
 
 /// Live counters of a relay.
 #[derive(Debug, Default)]
@@ -188,6 +219,13 @@ pub struct Relay {
     options: RelayOptions,
     stats: Arc<RelayStats>,
     fault: Option<RelayFault>,
+    health: RelayHealth,
+}
+
+/// The relay's database and broker, as readiness sees them.
+struct RelayHealth {
+    database: Component,
+    broker: Component,
 }
 
 impl std::fmt::Debug for Relay {
@@ -212,9 +250,21 @@ impl Relay {
             pool,
             database_url: database_url.into(),
             publisher,
-            options,
             stats: Arc::new(RelayStats::default()),
             fault: None,
+            health: RelayHealth {
+                database: Registry::global().register(
+                    format!("relay {}", options.name),
+                    Kind::Database,
+                    true,
+                ),
+                broker: Registry::global().register(
+                    format!("relay {}", options.name),
+                    Kind::Broker,
+                    true,
+                ),
+            },
+            options,
         }
     }
 
@@ -237,6 +287,7 @@ impl Relay {
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(self.database_url.clone(), wake.clone()));
         let mut last_cleanup = tokio::time::Instant::now();
+        let mut last_backlog: Option<tokio::time::Instant> = None;
         let mut failures = 0u32;
         let result = loop {
             let busy = tokio::select! {
@@ -255,6 +306,12 @@ impl Relay {
                     }
                 },
             };
+            if last_backlog.is_none_or(|at| at.elapsed() >= self.options.backlog_interval) {
+                last_backlog = Some(tokio::time::Instant::now());
+                if let Err(e) = self.refresh_backlog().await {
+                    tracing::warn!(error = %e, "outbox backlog count failed");
+                }
+            }
             if let Some(retention) = self.options.retention
                 && last_cleanup.elapsed() >= self.options.cleanup_interval
             {
@@ -284,8 +341,51 @@ impl Relay {
         result
     }
 
+    /// Counts the unpublished rows and the age of the oldest, and sets the gauges
+    /// `oncely_outbox_unpublished_rows` and `oncely_outbox_oldest_unpublished_age_seconds`.
+    /// [`Relay::run`] calls it every [`RelayOptions::backlog_interval`].
+    pub async fn refresh_backlog(&self) -> Result<Backlog, RelayError> {
+        let mut conn = self.pool.get().await?;
+        let row: BacklogRow = diesel::sql_query(BACKLOG).get_result(&mut conn).await?;
+        let backlog = Backlog {
+            unpublished: row.unpublished,
+            oldest_age: Duration::try_from_secs_f64(row.oldest_age_secs.max(0.0))
+                .unwrap_or_default(),
+        };
+        let relay = self.options.name.clone();
+        metrics::gauge!(names::OUTBOX_UNPUBLISHED, "relay" => relay.clone())
+            .set(backlog.unpublished as f64);
+        metrics::gauge!(names::OUTBOX_OLDEST_AGE, "relay" => relay)
+            .set(backlog.oldest_age.as_secs_f64());
+        Ok(backlog)
+    }
+
     /// One claim-publish-mark cycle, in one transaction that holds the claimed rows.
     pub async fn cycle(&self) -> Result<CycleOutcome, RelayError> {
+        let result = self.cycle_once().await;
+        match &result {
+            Ok(outcome) => {
+                self.health.database.up();
+                if outcome.published > 0 {
+                    self.health.broker.up();
+                } else if outcome.failed > 0 {
+                    self.health.broker.down();
+                }
+                let relay = self.options.name.clone();
+                for (result, n) in [("published", outcome.published), ("failed", outcome.failed)] {
+                    if n > 0 {
+                        metrics::counter!(names::OUTBOX_PUBLISH_ATTEMPTS, "relay" => relay.clone(), "result" => result)
+                            .increment(n as u64);
+                    }
+                }
+            }
+            Err(RelayError::Database(_) | RelayError::Pool(_)) => self.health.database.down(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn cycle_once(&self) -> Result<CycleOutcome, RelayError> {
         let mut conn = self.pool.get().await?;
         let outcome = conn
             .transaction::<CycleOutcome, RelayError, _>(async |conn| {

@@ -3,6 +3,7 @@
 //! Run with:
 //!   cargo run -p audit -- run      # consume audit.order-events.q until Ctrl-C / SIGTERM
 //!   cargo run -p audit -- count    # events kept
+//!   METRICS_ADDR=127.0.0.1:9465 cargo run -p audit -- run   # with /metrics and /health/*
 
 use clap::{Parser, Subcommand};
 use oncely::{Consumer, Inbox, PoolOptions};
@@ -44,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => println!("migrations applied"),
         Command::Run => {
+            let _observability = oncely::observability::serve_from_env(&pool).await?;
             let consumer = Consumer::builder(audit::record_event, Inbox::new(pool))
                 .amqp_url(&cli.services.amqp_url)
                 .connection_name(&cli.connection_name)

@@ -4,6 +4,7 @@
 //!   cargo run -p billing -- demo --count 1000 --duplicate-rate 0.2 --poison 7
 //!   cargo run -p billing -- run                 # consume until Ctrl-C / SIGTERM
 //!   cargo run -p billing -- publish --count 100 # publish orders to order.events
+//!   METRICS_ADDR=127.0.0.1:9464 cargo run -p billing -- run   # with /metrics and /health/*
 
 use anyhow::Context;
 use billing::{PublishPlan, create_invoice};
@@ -91,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
             connection_name,
             config,
         } => {
+            let mut _observability = None;
             let consumer = match config {
                 Some(path) => {
                     let config = oncely::config::Config::load(&path)?;
@@ -98,12 +100,14 @@ async fn main() -> anyhow::Result<()> {
                         &config.connections.database_url,
                         &PoolOptions::default(),
                     );
+                    _observability = oncely::observability::serve_from_env(&pool).await?;
                     Consumer::builder(create_invoice, Inbox::new(pool))
                         .amqp_url(&config.connections.amqp_url)
                         .configure(config.consumer(billing::CONSUMER)?)
                         .build()
                 }
                 None => {
+                    _observability = oncely::observability::serve_from_env(&pool).await?;
                     let topology =
                         oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
                     consumer(&cli.services.amqp_url, pool, concurrency, topology)
@@ -133,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             timeout_secs,
         } => {
+            let _observability = oncely::observability::serve_from_env(&pool).await?;
             demo(
                 &cli.services.amqp_url,
                 pool,

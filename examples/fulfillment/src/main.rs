@@ -112,6 +112,8 @@ async fn main() -> anyhow::Result<()> {
                 .context("running migrations")?;
             let client = client(&api)?;
             let inbox = oncely::connect_pool(database_url, &PoolOptions::default());
+            // /metrics and /health when METRICS_ADDR is set.
+            let _observability = oncely::observability::serve_from_env(&inbox).await?;
             let operations = oncely::connect_pool(
                 database_url,
                 &PoolOptions {

@@ -5,6 +5,7 @@
 //!   cargo run -p order-service -- create --count 100
 //!   cargo run -p order-service -- relay            # until Ctrl-C / SIGTERM
 //!   cargo run -p order-service -- run --count 100  # both
+//!   METRICS_ADDR=127.0.0.1:9466 cargo run -p order-service -- relay   # with /metrics and /health/*
 
 use clap::{Parser, Subcommand};
 use oncely::outbox::{Relay, RelayOptions};
@@ -75,6 +76,7 @@ async fn create(pool: &oncely::Pool, exchange: &str, count: usize) -> anyhow::Re
 }
 
 async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
+    let _observability = oncely::observability::serve_from_env(&pool).await?;
     declare_exchange(cli).await?;
     let publisher = Arc::new(Publisher::new(
         &cli.services.amqp_url,
@@ -87,6 +89,7 @@ async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
         publisher.clone(),
         RelayOptions {
             app_id: Some("order-service".to_owned()),
+            name: "order-service".to_owned(),
             ..RelayOptions::default()
         },
     );
