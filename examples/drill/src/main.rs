@@ -749,29 +749,24 @@ async fn inject(
             }))
         }
         Fault::CutConnections => {
+            // rabbitmqctl takes seconds: in the background, so the counters keep moving.
             let prefix = connection_prefix.to_owned();
-            let closed = tokio::task::spawn_blocking(move || {
-                oncely_example_messages::close_connections_where(
-                    |name| {
-                        name.starts_with(&prefix)
-                            && !name.ends_with("publisher")
-                            && !name.ends_with("observer")
-                    },
-                    "oncely drill: broker closed the connection",
-                )
-            })
-            .await
-            .ok()?;
-            match closed {
-                Ok(count) => {
-                    note(tty, &format!("closed {count} broker connections {at}"));
-                    done()
-                }
-                Err(e) => {
-                    note(tty, &format!("could not close connections: {e}"));
-                    None
-                }
-            }
+            note(tty, &format!("closing the services' broker connections {at}"));
+            Some(tokio::spawn(async move {
+                let closed = tokio::task::spawn_blocking(move || {
+                    oncely_example_messages::close_connections_where(
+                        |name| {
+                            name.starts_with(&prefix)
+                                && !name.ends_with("publisher")
+                                && !name.ends_with("observer")
+                        },
+                        "oncely drill: broker closed the connection",
+                    )
+                })
+                .await??;
+                anyhow::ensure!(closed > 0, "no broker connection of the services was found");
+                Ok(())
+            }))
         }
         Fault::BrokerRestart => {
             note(tty, &format!("RabbitMQ stop_app {at}, start_app in 3 s"));
