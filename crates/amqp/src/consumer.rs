@@ -47,6 +47,31 @@ pub enum Processed {
 pub trait DeliveryProcessor: Send + Sync + 'static {
     /// Processes a delivery whose metadata passed the contract.
     fn process<'a>(&'a self, metadata: Metadata, body: &'a [u8]) -> BoxFuture<'a, Processed>;
+
+    /// Processes a batch of deliveries whose metadata passed the contract (batched mode, see
+    /// [`ConsumerOptions::batch`]); one result per item, in order. The default processes them
+    /// one after the other; the `oncely` facade commits them in one transaction.
+    fn process_batch<'a>(
+        &'a self,
+        items: Vec<(Metadata, &'a [u8])>,
+    ) -> BoxFuture<'a, Vec<Processed>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            for (metadata, body) in items {
+                out.push(self.process(metadata, body).await);
+            }
+            out
+        })
+    }
+}
+
+/// Batched mode: deliveries are handed to [`DeliveryProcessor::process_batch`] in groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// A batch is processed once it has this many deliveries ...
+    pub max_messages: usize,
+    /// ... or when its first delivery has waited this long.
+    pub max_wait: Duration,
 }
 
 /// A test hook that simulates a crash between the commit and the ack.
@@ -94,6 +119,10 @@ pub struct ConsumerOptions {
     /// so that with concurrency 1 and prefetch 1 no later message overtakes a retrying one.
     /// Default false.
     pub retry_in_place: bool,
+    /// Batched mode: up to `max_messages` deliveries (or what arrived within `max_wait`) are
+    /// processed together, `concurrency` batches at once. `None` (the default): one delivery at
+    /// a time. Ignored with `retry_in_place`.
+    pub batch: Option<BatchOptions>,
     /// Test hook; `None` in production.
     pub fault_injection: Option<FaultInjection>,
 }
@@ -123,6 +152,7 @@ impl ConsumerOptions {
             requeue_delay: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             retry_in_place: false,
+            batch: None,
             fault_injection: None,
         }
     }
@@ -248,6 +278,11 @@ impl ConsumerRuntime {
             tracing::info!(consumer = %options.consumer_name, queue = %options.topology.queue(), "consuming");
             let session = Arc::new(session);
 
+            let batching = options.batch.filter(|_| !options.retry_in_place);
+            // Batched mode: deliveries wait here until the batch is full or its time is up. Not
+            // started when the channel closes, they go back to the queue.
+            let mut pending: Vec<Delivery> = Vec::new();
+            let mut flush_at = tokio::time::Instant::now();
             let end = loop {
                 while let Some(joined) = tasks.try_join_next() {
                     report_task_end(joined);
@@ -255,7 +290,30 @@ impl ConsumerRuntime {
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => break LoopEnd::Shutdown,
+                    _ = tokio::time::sleep_until(flush_at), if !pending.is_empty() => {
+                        let permit = tokio::select! {
+                            permit = semaphore.clone().acquire_owned() => permit,
+                            _ = &mut shutdown => break LoopEnd::Shutdown,
+                        };
+                        let Ok(permit) = permit else { break LoopEnd::Shutdown };
+                        tasks.spawn(handle_batch(self.shared.clone(), session.clone(), std::mem::take(&mut pending), permit));
+                    }
                     next = consumer.next() => match next {
+                        Some(Ok(delivery)) if batching.is_some() => {
+                            let Some(batch) = batching else { continue };
+                            if pending.is_empty() {
+                                flush_at = tokio::time::Instant::now() + batch.max_wait;
+                            }
+                            pending.push(delivery);
+                            if pending.len() >= batch.max_messages.max(1) {
+                                let permit = tokio::select! {
+                                    permit = semaphore.clone().acquire_owned() => permit,
+                                    _ = &mut shutdown => break LoopEnd::Shutdown,
+                                };
+                                let Ok(permit) = permit else { break LoopEnd::Shutdown };
+                                tasks.spawn(handle_batch(self.shared.clone(), session.clone(), std::mem::take(&mut pending), permit));
+                            }
+                        }
                         Some(Ok(delivery)) => {
                             let permit = tokio::select! {
                                 permit = semaphore.clone().acquire_owned() => permit,
@@ -379,36 +437,12 @@ async fn handle_delivery(
         delivery.redelivered,
         delivery.data.len(),
     );
-    let span = tracing::info_span!(
-        "delivery",
-        consumer = %shared.options.consumer_name,
-        queue = %shared.options.topology.queue(),
-        delivery_tag = delivery.delivery_tag,
-        redelivered = delivery.redelivered,
-        message_id = field::Empty,
-        correlation_id = field::Empty,
-        causation_id = field::Empty,
-        trace_id = field::Empty,
-        attempt = field::Empty,
-        dedup = field::Empty,
-        decision = field::Empty,
-    );
-    if let Some(id) = &raw.message_id {
-        let shown: String = id.chars().take(200).collect();
-        span.record("message_id", shown.as_str());
-    }
-    if let Some(id) = &raw.correlation_id {
-        span.record("correlation_id", id.as_str());
-    }
+    let span = delivery_span(&shared, &delivery, &raw);
     async move {
         let options = &shared.options;
         let metrics = shared.metrics();
         let _in_flight = InFlight::new(&metrics.in_flight);
-        ConsumerStats::bump(&shared.stats.received);
-        metrics.received.increment(1);
-        if delivery.redelivered {
-            metrics.redelivered.increment(1);
-        }
+        count_received(&shared, &delivery);
         let (processed, attempt, metadata) = match Metadata::from_raw(raw, &options.limits) {
             Err(violation) => (
                 Processed::Decision(Decision::DeadLetter {
@@ -418,14 +452,7 @@ async fn handle_delivery(
                 None,
             ),
             Ok(mut metadata) => {
-                let span = tracing::Span::current();
-                span.record("attempt", metadata.attempt);
-                if let Some(id) = &metadata.causation_id {
-                    span.record("causation_id", id.as_str());
-                }
-                if let Some(id) = metadata.trace_id() {
-                    span.record("trace_id", id);
-                }
+                record_metadata(&tracing::Span::current(), &metadata);
                 let mut processed = process(&shared, &metadata, &delivery.data).await;
                 // Strict order: retry on this very delivery, so no later message overtakes it.
                 while options.retry_in_place
@@ -457,10 +484,172 @@ async fn handle_delivery(
             return;
         }
         let occurred_at = metadata.and_then(|m| m.occurred_at);
-        settle(&shared, &session, &delivery, processed, attempt, occurred_at, permit).await;
+        settle(&shared, &session, &delivery, processed, attempt, occurred_at, Some(permit)).await;
     }
     .instrument(span)
     .await
+}
+
+/// Processes a batch of deliveries together (batched mode), then settles each one in its own
+/// span, exactly as a single delivery would be settled.
+async fn handle_batch(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    deliveries: Vec<Delivery>,
+    permit: OwnedSemaphorePermit,
+) {
+    let options = &shared.options;
+    let metrics = shared.metrics();
+    let _in_flight: Vec<InFlight> = deliveries
+        .iter()
+        .map(|_| InFlight::new(&metrics.in_flight))
+        .collect();
+    let mut spans = Vec::with_capacity(deliveries.len());
+    let mut results: Vec<Option<(Processed, u32)>> = Vec::with_capacity(deliveries.len());
+    let mut metadata: Vec<Option<Metadata>> = Vec::with_capacity(deliveries.len());
+    for delivery in &deliveries {
+        count_received(&shared, delivery);
+        let raw = raw_metadata(
+            &delivery.properties,
+            delivery.redelivered,
+            delivery.data.len(),
+        );
+        let span = delivery_span(&shared, delivery, &raw);
+        match Metadata::from_raw(raw, &options.limits) {
+            Err(violation) => {
+                results.push(Some((
+                    Processed::Decision(Decision::DeadLetter {
+                        reason: Reason::from(&violation),
+                    }),
+                    crate::properties::read_attempt(&delivery.properties),
+                )));
+                metadata.push(None);
+            }
+            Ok(m) => {
+                record_metadata(&span, &m);
+                results.push(None);
+                metadata.push(Some(m));
+            }
+        }
+        spans.push(span);
+    }
+    let items: Vec<(Metadata, &[u8])> = metadata
+        .iter()
+        .zip(&deliveries)
+        .filter_map(|(m, d)| m.clone().map(|m| (m, &d.data[..])))
+        .collect();
+    if !items.is_empty() {
+        let count = items.len();
+        let started = Instant::now();
+        let batch_span = tracing::info_span!("batch", consumer = %options.consumer_name, queue = %options.topology.queue(), size = count);
+        let processed = shared
+            .processor
+            .process_batch(items)
+            .instrument(batch_span)
+            .await;
+        let share = started.elapsed().as_secs_f64() / count as f64;
+        for _ in 0..count {
+            metrics.handler_duration.record(share);
+        }
+        let mut processed = processed.into_iter();
+        for (slot, m) in results.iter_mut().zip(&metadata) {
+            if let Some(m) = m {
+                let p = processed.next().unwrap_or(Processed::Requeue {
+                    reason: "the processor gave no result for this delivery".to_owned(),
+                });
+                *slot = Some((p, m.attempt));
+            }
+        }
+    }
+    if let Some(fault) = &options.fault_injection
+        && results.iter().zip(&metadata).any(|(r, m)| {
+            matches!(r, Some((Processed::Decision(Decision::Ack), _)))
+                && m.as_ref().is_some_and(|m| (fault.crash_after_commit)(m))
+        })
+    {
+        tracing::warn!(
+            "fault injection: closing the connection after the batch commit, before its acks"
+        );
+        close_connection(
+            &session.connection,
+            320,
+            "fault injection: crash after commit",
+        )
+        .await;
+        return;
+    }
+    let settles = deliveries.iter().zip(results).zip(metadata).zip(spans).map(
+        |(((delivery, result), m), span)| {
+            let (processed, attempt) = result.unwrap_or((
+                Processed::Requeue {
+                    reason: "not processed".to_owned(),
+                },
+                0,
+            ));
+            let occurred_at = m.and_then(|m| m.occurred_at);
+            settle(
+                &shared,
+                &session,
+                delivery,
+                processed,
+                attempt,
+                occurred_at,
+                None,
+            )
+            .instrument(span)
+        },
+    );
+    futures_util::future::join_all(settles).await;
+    drop(permit);
+}
+
+fn count_received(shared: &Shared, delivery: &Delivery) {
+    let metrics = shared.metrics();
+    ConsumerStats::bump(&shared.stats.received);
+    metrics.received.increment(1);
+    if delivery.redelivered {
+        metrics.redelivered.increment(1);
+    }
+}
+
+fn record_metadata(span: &tracing::Span, metadata: &Metadata) {
+    span.record("attempt", metadata.attempt);
+    if let Some(id) = &metadata.causation_id {
+        span.record("causation_id", id.as_str());
+    }
+    if let Some(id) = metadata.trace_id() {
+        span.record("trace_id", id);
+    }
+}
+
+/// The span of one delivery, with the fields known before its metadata is checked.
+fn delivery_span(
+    shared: &Shared,
+    delivery: &Delivery,
+    raw: &oncely_core::RawMetadata,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "delivery",
+        consumer = %shared.options.consumer_name,
+        queue = %shared.options.topology.queue(),
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+        message_id = field::Empty,
+        correlation_id = field::Empty,
+        causation_id = field::Empty,
+        trace_id = field::Empty,
+        attempt = field::Empty,
+        dedup = field::Empty,
+        decision = field::Empty,
+    );
+    if let Some(id) = &raw.message_id {
+        let shown: String = id.chars().take(200).collect();
+        span.record("message_id", shown.as_str());
+    }
+    if let Some(id) = &raw.correlation_id {
+        span.record("correlation_id", id.as_str());
+    }
+    span
 }
 
 /// Runs the processor with `metadata` as the cause of whatever it publishes, timed.
@@ -486,7 +675,7 @@ async fn settle(
     processed: Processed,
     attempt: u32,
     occurred_at: Option<u64>,
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 ) {
     let span = tracing::Span::current();
     let stats = &shared.stats;
@@ -623,7 +812,7 @@ async fn settle(
 
 /// Gives the message back after `requeue_delay`. The concurrency slot is freed first: a message
 /// waiting to go back must not keep the others from being processed.
-async fn requeue_later(shared: &Shared, delivery: &Delivery, permit: OwnedSemaphorePermit) {
+async fn requeue_later(shared: &Shared, delivery: &Delivery, permit: Option<OwnedSemaphorePermit>) {
     drop(permit);
     tokio::time::sleep(shared.options.requeue_delay).await;
     requeue(shared, delivery).await;

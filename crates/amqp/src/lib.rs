@@ -27,7 +27,7 @@ mod topology;
 pub use cause::{caused_by, current_cause, with_cause};
 pub use connection::{Backoff, close_channel, close_connection, connect};
 pub use consumer::{
-    ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,
+    BatchOptions, ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,
 };
 pub use error::{AmqpError, Result};
 pub use producer::{DelayQueue, Publisher};

@@ -751,7 +751,10 @@ async fn inject(
         Fault::CutConnections => {
             // rabbitmqctl takes seconds: in the background, so the counters keep moving.
             let prefix = connection_prefix.to_owned();
-            note(tty, &format!("closing the services' broker connections {at}"));
+            note(
+                tty,
+                &format!("closing the services' broker connections {at}"),
+            );
             Some(tokio::spawn(async move {
                 let closed = tokio::task::spawn_blocking(move || {
                     oncely_example_messages::close_connections_where(
