@@ -46,7 +46,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => println!("migrations applied"),
         Command::Run => {
             let _observability = oncely::observability::serve_from_env(&pool).await?;
-            let consumer = Consumer::builder(audit::record_event, Inbox::new(pool))
+            let consumer = cli
+                .services
+                .batching(Consumer::builder(audit::record_event, Inbox::new(pool)))
                 .amqp_url(&cli.services.amqp_url)
                 .connection_name(&cli.connection_name)
                 .topology(audit::topology(&cli.exchange, &cli.queue))

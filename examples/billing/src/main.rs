@@ -110,7 +110,13 @@ async fn main() -> anyhow::Result<()> {
                     _observability = oncely::observability::serve_from_env(&pool).await?;
                     let topology =
                         oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
-                    consumer(&cli.services.amqp_url, pool, concurrency, topology)
+                    cli.services
+                        .batching(consumer(
+                            &cli.services.amqp_url,
+                            pool,
+                            concurrency,
+                            topology,
+                        ))
                         .connection_name(connection_name)
                         .build()
                 }

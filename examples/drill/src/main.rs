@@ -167,8 +167,13 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     let amqp_url = cli.services.amqp_url.clone();
 
     println!(
-        "drill {run}: {} orders ({prefix}-*), faults [{}], duplicate rate {}, {} poison, seed {seed}",
+        "drill {run}: {} orders ({prefix}-*){}, faults [{}], duplicate rate {}, {} poison, seed {seed}",
         cli.orders,
+        if cli.services.batch > 0 {
+            format!(", consumers in batches of {}", cli.services.batch)
+        } else {
+            String::new()
+        },
         kind_names.join(", "),
         cli.duplicate_rate,
         cli.poison
@@ -244,6 +249,12 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             ("AMQP_URL".into(), service_amqp_url.clone()),
             ("DATABASE_URL".into(), service_db_url.clone()),
             ("ONCELY_STATS_EVERY_MS".into(), "250".into()),
+            // --batch of the drill runs the consumers in batched mode.
+            ("ONCELY_BATCH".into(), cli.services.batch.to_string()),
+            (
+                "ONCELY_BATCH_WAIT_MS".into(),
+                cli.services.batch_wait_ms.to_string(),
+            ),
         ],
     )?;
     let (fail_rate, lose_rate) = if kinds.contains(&FaultKind::Api) {

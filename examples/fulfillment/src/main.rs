@@ -122,16 +122,18 @@ async fn main() -> anyhow::Result<()> {
                 },
             );
             let policy = fulfillment::retry_policy();
-            let consumer = Consumer::builder(
-                ReserveStock::new(operations.clone(), client.clone()),
-                Inbox::new(inbox),
-            )
-            .amqp_url(&cli.services.amqp_url)
-            .connection_name(connection_name)
-            .topology(fulfillment::topology(&exchange, &queue))
-            .retry_policy(policy)
-            .concurrency(concurrency)
-            .build();
+            let consumer = cli
+                .services
+                .batching(Consumer::builder(
+                    ReserveStock::new(operations.clone(), client.clone()),
+                    Inbox::new(inbox),
+                ))
+                .amqp_url(&cli.services.amqp_url)
+                .connection_name(connection_name)
+                .topology(fulfillment::topology(&exchange, &queue))
+                .retry_policy(policy)
+                .concurrency(concurrency)
+                .build();
             cli.services
                 .print_stats(fulfillment::CONSUMER, consumer.stats_handle());
             let (stop_reconciler, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -66,9 +66,26 @@ pub struct Services {
     /// `oncely-stats key=value ...` line (0: never). The drill reads them.
     #[arg(long, env = "ONCELY_STATS_EVERY_MS", default_value_t = 0)]
     pub stats_every_ms: u64,
+    /// Batched mode: process up to this many deliveries per transaction (0: one at a time).
+    #[arg(long, env = "ONCELY_BATCH", default_value_t = 0)]
+    pub batch: usize,
+    /// Batched mode: a batch waits at most this many milliseconds to fill.
+    #[arg(long, env = "ONCELY_BATCH_WAIT_MS", default_value_t = 20)]
+    pub batch_wait_ms: u64,
 }
 
 impl Services {
+    /// `builder` in batched mode when `--batch` is set.
+    pub fn batching<H: oncely::Handler>(
+        &self,
+        builder: oncely::ConsumerBuilder<H>,
+    ) -> oncely::ConsumerBuilder<H> {
+        if self.batch == 0 {
+            return builder;
+        }
+        builder.batch(self.batch, Duration::from_millis(self.batch_wait_ms))
+    }
+
     /// Starts printing `stats` every `--stats-every-ms`, when it is set.
     pub fn print_stats(&self, consumer: &str, stats: Arc<oncely::ConsumerStats>) {
         if self.stats_every_ms == 0 {

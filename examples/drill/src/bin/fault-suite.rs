@@ -34,6 +34,9 @@ struct Cli {
     out_dir: Option<PathBuf>,
 }
 
+/// All the faults the drill knows.
+const EVERYTHING: &str = "kill,relay-kill,audit-outage,cut,broker-restart,memory-alarm,pg-terminate,pg-restart,proxy-latency,proxy-cut,half-open,api";
+
 /// (name, --faults of the drill, what it breaks)
 const SCENARIOS: &[(&str, &str, &str)] = &[
     (
@@ -87,10 +90,11 @@ const SCENARIOS: &[(&str, &str, &str)] = &[
         "api",
         "inventory API failing 2% of calls and losing 2% of responses",
     ),
+    ("everything", EVERYTHING, "all of the above in one run"),
     (
-        "everything",
-        "kill,relay-kill,audit-outage,cut,broker-restart,memory-alarm,pg-terminate,pg-restart,proxy-latency,proxy-cut,half-open,api",
-        "all of the above in one run",
+        "everything-batched",
+        EVERYTHING,
+        "all of the above, consumers in batched mode (25 per transaction)",
     ),
 ];
 
