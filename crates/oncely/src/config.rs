@@ -18,6 +18,8 @@
 //! handler_timeout = "30s"
 //! max_delay = "1h"
 //! strict_order = false
+//! batch_size = 0               # > 0: batched mode, this many deliveries per transaction
+//! batch_wait = "20ms"          # batched mode: longest wait for a batch to fill
 //! ```
 //!
 //! Environment overrides: `AMQP_URL` and `DATABASE_URL` for the connections, and
@@ -104,6 +106,8 @@ struct RawConsumer {
     max_delay: Option<String>,
     #[serde(default)]
     strict_order: bool,
+    batch_size: Option<usize>,
+    batch_wait: Option<String>,
 }
 
 /// Connection settings.
@@ -134,6 +138,9 @@ pub struct ConsumerSettings {
     pub max_delay: Option<Duration>,
     /// Strict per-queue order.
     pub strict_order: bool,
+    /// Batched mode: deliveries per transaction and the longest wait for a batch to fill.
+    /// `None`: one delivery at a time.
+    pub batch: Option<(usize, Duration)>,
 }
 
 /// The whole file, checked.
@@ -212,7 +219,7 @@ fn env_prefix(consumer: &str) -> String {
     format!("ONCELY_{upper}_")
 }
 
-const CONSUMER_KEYS: [&str; 12] = [
+const CONSUMER_KEYS: [&str; 14] = [
     "queue",
     "exchange",
     "bindings",
@@ -225,6 +232,8 @@ const CONSUMER_KEYS: [&str; 12] = [
     "handler_timeout",
     "max_delay",
     "strict_order",
+    "batch_size",
+    "batch_wait",
 ];
 
 /// `ONCELY_<CONSUMER>_<KEY>` values, read as TOML values (`4`, `true`, `["1s"]`) or as strings.
@@ -269,16 +278,27 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
             return Err(invalid(key(k), "must be 1 to 255 bytes"));
         }
     }
-    let prefetch = raw.prefetch.unwrap_or(32);
+    let concurrency = raw.concurrency.unwrap_or(8);
+    if concurrency == 0 {
+        return Err(invalid(key("concurrency"), "must be at least 1"));
+    }
+    let batch_wait = raw
+        .batch_wait
+        .as_deref()
+        .map(|t| duration(&key("batch_wait"), t))
+        .transpose()?
+        .unwrap_or(Duration::from_millis(20));
+    let batch = raw.batch_size.filter(|n| *n > 0).map(|n| (n, batch_wait));
+    // Batched mode without a prefetch: room for every batch to fill.
+    let default_prefetch = batch
+        .map(|(n, _)| n.saturating_mul(concurrency).min(u16::MAX as usize) as u16)
+        .unwrap_or(32);
+    let prefetch = raw.prefetch.unwrap_or(default_prefetch);
     if prefetch == 0 {
         return Err(invalid(
             key("prefetch"),
             "must be at least 1 (0 would mean unlimited)",
         ));
-    }
-    let concurrency = raw.concurrency.unwrap_or(8);
-    if concurrency == 0 {
-        return Err(invalid(key("concurrency"), "must be at least 1"));
     }
     let queue_type = match raw.queue_type.as_deref().unwrap_or("classic") {
         "classic" => QueueType::Classic,
@@ -343,6 +363,7 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
         handler_timeout,
         max_delay,
         strict_order: raw.strict_order,
+        batch,
     })
 }
 
@@ -486,5 +507,26 @@ mod tests {
             }
             other => panic!("expected a syntax error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn batched_mode_is_read_with_room_in_the_prefetch() {
+        let c = parse(&format!(
+            "{GOOD}\nbatch_size = 100\nbatch_wait = \"50ms\"\n"
+        ))
+        .expect("valid");
+        let b = c.consumer("billing").expect("billing");
+        assert_eq!(b.batch, Some((100, Duration::from_millis(50))));
+        assert_eq!(b.prefetch, 800, "100 per batch x concurrency 8");
+        let plain = parse(GOOD).expect("valid");
+        assert_eq!(plain.consumer("billing").expect("billing").batch, None);
+        let env = |var: &str| (var == "ONCELY_BILLING_BATCH_SIZE").then(|| "10".to_owned());
+        let c = Config::parse("test.toml", GOOD, env).expect("valid");
+        let b = c.consumer("billing").expect("billing");
+        assert_eq!(b.batch, Some((10, Duration::from_millis(20))));
+        assert_eq!(
+            error_key(&format!("{GOOD}\nbatch_size = 10\nbatch_wait = \"soon\"\n")),
+            "consumers.billing.batch_wait"
+        );
     }
 }

@@ -296,7 +296,7 @@ impl<H: Handler> ConsumerBuilder<H> {
     }
 
     /// Applies a consumer's settings from the configuration file: topology, retry policy,
-    /// prefetch, concurrency, handler timeout and strict order.
+    /// prefetch, concurrency, handler timeout, batched mode and strict order.
     pub fn configure(mut self, settings: &crate::config::ConsumerSettings) -> Self {
         self = self
             .topology(settings.topology.clone())
@@ -305,6 +305,9 @@ impl<H: Handler> ConsumerBuilder<H> {
             .concurrency(settings.concurrency);
         if let Some(timeout) = settings.handler_timeout {
             self = self.handler_timeout(timeout);
+        }
+        if let Some((max_messages, max_wait)) = settings.batch {
+            self = self.batch(max_messages, max_wait);
         }
         if settings.strict_order {
             self = self.strict_order();
