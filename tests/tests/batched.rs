@@ -134,7 +134,7 @@ async fn postgres_connections_killed_under_batches_lose_and_double_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retryable_failure_in_a_batch_retries_alone_while_the_others_commit() {
+async fn a_failing_message_in_a_batch_fails_alone_while_the_others_commit() {
     let tiers = [Duration::from_millis(100)];
     let h = Harness::new(&tiers).await;
     // An order whose invoice already exists under another message id: the insert violates
