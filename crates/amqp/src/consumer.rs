@@ -483,6 +483,10 @@ async fn handle_delivery(
             close_connection(&session.connection, 320, "fault injection: crash after commit").await;
             return;
         }
+        if matches!(processed, Processed::Decision(Decision::Ack)) {
+            // Fault suite: the process dies after the commit, before the ack.
+            fail::fail_point!("oncely::after_commit", |_| std::process::abort());
+        }
         let occurred_at = metadata.and_then(|m| m.occurred_at);
         settle(&shared, &session, &delivery, processed, attempt, occurred_at, Some(permit)).await;
     }
@@ -577,6 +581,13 @@ async fn handle_batch(
         )
         .await;
         return;
+    }
+    if results
+        .iter()
+        .any(|r| matches!(r, Some((Processed::Decision(Decision::Ack), _))))
+    {
+        // Fault suite: the process dies after the batch's commit, before its acks.
+        fail::fail_point!("oncely::after_commit", |_| std::process::abort());
     }
     let settles = deliveries.iter().zip(results).zip(metadata).zip(spans).map(
         |(((delivery, result), m), span)| {
@@ -797,6 +808,13 @@ async fn settle(
         }
         ConsumerStats::bump(counter);
         metrics.count_by_code(metric, &reason.code, tier);
+        if final_copy {
+            // Fault suite: the process dies with the DLQ / parking copy confirmed, unacked.
+            fail::fail_point!(
+                "oncely::after_dead_letter_publish",
+                |_| std::process::abort()
+            );
+        }
     }
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => tracing::info!("settled"),

@@ -156,6 +156,10 @@ impl ConfirmPublisher {
                 }
             }
         }
+        if !pending.is_empty() {
+            // Fault suite: the process dies with the batch sent, its confirms not yet in.
+            fail::fail_point!("oncely::publish_before_confirm", |_| std::process::abort());
+        }
         for (i, deadline, confirm, awaited) in pending {
             broken |= self
                 .settle_batch_confirm(

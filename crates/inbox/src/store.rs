@@ -157,6 +157,8 @@ impl Inbox {
                 .await
                 .unwrap_or_else(|panic| Err(panic_error(panic)));
             handled.map_err(TxError::Handler)?;
+            // Fault suite: the process dies with the handler's work done, uncommitted.
+            fail::fail_point!("oncely::before_commit", |_| std::process::abort());
             Ok(Outcome::Processed { attempts })
         });
         let result = match self.handler_timeout {

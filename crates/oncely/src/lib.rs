@@ -51,3 +51,14 @@ pub mod __private {
     pub use std::boxed::Box;
     pub use std::result::Result;
 }
+
+/// Reads `FAILPOINTS` (e.g. `oncely::after_commit=1%return;oncely::before_commit=1%return`) and
+/// arms oncely's fail points: each `return` action aborts the process there, as a crash would.
+/// Only with the `failpoints` feature, for the fault-injection suite; keep the returned guard
+/// for the life of the process. Points: `oncely::before_commit`, `oncely::after_commit`,
+/// `oncely::after_dead_letter_publish`, `oncely::publish_before_confirm`,
+/// `oncely::relay_after_confirm`.
+#[cfg(feature = "failpoints")]
+pub fn failpoints_from_env() -> fail::FailScenario<'static> {
+    fail::FailScenario::setup()
+}

@@ -417,6 +417,8 @@ impl Relay {
                 if self.fault == Some(RelayFault::CrashAfterConfirm) {
                     return Err(RelayError::InjectedCrash);
                 }
+                // Fault suite: the relay dies with the events confirmed, not yet marked.
+                fail::fail_point!("oncely::relay_after_confirm", |_| std::process::abort());
                 let mut published = Vec::new();
                 let (mut failed_ids, mut errors, mut delays) = (Vec::new(), Vec::new(), Vec::new());
                 for (row, result) in rows.iter().zip(results) {

@@ -38,6 +38,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = oncely::failpoints_from_env();
     oncely_example_messages::init_tracing("warn,audit=info");
     let cli = Cli::parse();
     audit::migrate(&cli.services.database_url).await?;

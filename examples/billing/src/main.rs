@@ -77,6 +77,8 @@ struct Batch {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = oncely::failpoints_from_env();
     oncely_example_messages::init_tracing("warn,billing=info");
     let cli = Cli::parse();
     billing::migrate(&cli.services.database_url)

@@ -33,6 +33,11 @@ pub enum FaultKind {
     /// Every connection of the services black-holed for 15 s (open, but no byte moves; only
     /// heartbeats and timeouts notice), then cut.
     HalfOpen,
+    /// The services die (abort) at precise points through oncely's fail points: before a
+    /// commit, after a commit before its ack, after a DLQ copy before its ack, with a publish
+    /// sent but unconfirmed, and in the relay after confirms before marking. Needs the services
+    /// built with `--features failpoints` (scripts/faults does).
+    Failpoints,
     /// The inventory API answers `--api-fail-rate` of calls 503 and loses `--api-lose-rate` of
     /// responses after reserving.
     Api,
@@ -143,12 +148,19 @@ pub fn schedule(kinds: &[FaultKind], kills: usize, rng: &mut impl Rng) -> Vec<(f
                 faults.push((0.65, Fault::ProxyCut));
             }
             FaultKind::HalfOpen => faults.push((0.75, Fault::BlackHole(Duration::from_secs(15)))),
-            FaultKind::Api => {}
+            FaultKind::Api | FaultKind::Failpoints => {}
         }
     }
     faults.sort_by(|a, b| a.0.total_cmp(&b.0));
     faults
 }
+
+/// `FAILPOINTS` for the services: the chance, at each pass, that the process aborts there.
+pub const FAILPOINTS: &str = "oncely::before_commit=0.5%return;\
+oncely::after_commit=0.5%return;\
+oncely::after_dead_letter_publish=25%return;\
+oncely::publish_before_confirm=0.5%return;\
+oncely::relay_after_confirm=2%return";
 
 /// Runs `rabbitmqctl` with `args`; its stdout, or why it failed.
 pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {

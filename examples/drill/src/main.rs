@@ -242,20 +242,26 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             .context("the drill's directory")?
             .to_owned(),
     };
+    let mut env: Vec<(String, String)> = Vec::new();
+    if kinds.contains(&FaultKind::Failpoints) {
+        env.push(("FAILPOINTS".into(), faults::FAILPOINTS.into()));
+    }
     let mut fleet = Fleet::new(
         &bin_dir,
         &out_dir,
-        vec![
-            ("AMQP_URL".into(), service_amqp_url.clone()),
-            ("DATABASE_URL".into(), service_db_url.clone()),
-            ("ONCELY_STATS_EVERY_MS".into(), "250".into()),
-            // --batch of the drill runs the consumers in batched mode.
-            ("ONCELY_BATCH".into(), cli.services.batch.to_string()),
-            (
-                "ONCELY_BATCH_WAIT_MS".into(),
-                cli.services.batch_wait_ms.to_string(),
-            ),
-        ],
+        env.into_iter()
+            .chain([
+                ("AMQP_URL".into(), service_amqp_url.clone()),
+                ("DATABASE_URL".into(), service_db_url.clone()),
+                ("ONCELY_STATS_EVERY_MS".into(), "250".into()),
+                // --batch of the drill runs the consumers in batched mode.
+                ("ONCELY_BATCH".into(), cli.services.batch.to_string()),
+                (
+                    "ONCELY_BATCH_WAIT_MS".into(),
+                    cli.services.batch_wait_ms.to_string(),
+                ),
+            ])
+            .collect(),
     )?;
     let (fail_rate, lose_rate) = if kinds.contains(&FaultKind::Api) {
         (cli.api_fail_rate, cli.api_lose_rate)
@@ -432,7 +438,7 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             if let Some(status) = fleet.exited(role).await {
                 let exits = tally.entry("service exits (restarted)").or_default();
                 *exits += 1;
-                if *exits > 30 {
+                if *exits > 300 {
                     anyhow::bail!(
                         "{} keeps exiting ({status}); see {}",
                         role.name(),

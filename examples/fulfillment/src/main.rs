@@ -89,6 +89,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = oncely::failpoints_from_env();
     oncely_example_messages::init_tracing("warn,fulfillment=info");
     let cli = Cli::parse();
     let database_url = &cli.services.database_url;

@@ -49,6 +49,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _failpoints = oncely::failpoints_from_env();
     oncely_example_messages::init_tracing("warn,order_service=info,oncely_outbox=info");
     let cli = Cli::parse();
     order_service::migrate(&cli.services.database_url).await?;

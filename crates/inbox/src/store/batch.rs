@@ -135,6 +135,8 @@ impl Inbox {
                             Err(HandlerFailure::Db(e)) => return Err(BatchTxError::Db(e)),
                         }
                     }
+                    // Fault suite: the process dies with the batch's work done, uncommitted.
+                    fail::fail_point!("oncely::before_commit", |_| std::process::abort());
                     Ok(results)
                 },
             );

@@ -35,7 +35,7 @@ struct Cli {
 }
 
 /// All the faults the drill knows.
-const EVERYTHING: &str = "kill,relay-kill,audit-outage,cut,broker-restart,memory-alarm,pg-terminate,pg-restart,proxy-latency,proxy-cut,half-open,api";
+const EVERYTHING: &str = "kill,relay-kill,audit-outage,cut,broker-restart,memory-alarm,pg-terminate,pg-restart,proxy-latency,proxy-cut,half-open,api,failpoints";
 
 /// (name, --faults of the drill, what it breaks)
 const SCENARIOS: &[(&str, &str, &str)] = &[
@@ -48,6 +48,11 @@ const SCENARIOS: &[(&str, &str, &str)] = &[
         "relay-kills",
         "relay-kill",
         "the outbox relay SIGKILLed again and again",
+    ),
+    (
+        "failpoints",
+        "failpoints",
+        "processes aborted before commit, after commit, after a DLQ copy, before a confirm, in the relay after confirm",
     ),
     (
         "broker-connections",
