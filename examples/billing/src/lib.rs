@@ -124,11 +124,22 @@ pub async fn publish_order(
     order: &OrderCreated,
 ) -> Result<(), oncely::AmqpError> {
     let (body, properties) = order_message(order);
+    publish_as_order_event(publisher, exchange, &body, properties).await
+}
+
+/// Publishes `body` with `properties` to `exchange` under the `order.created.v1` routing key,
+/// with confirm.
+pub async fn publish_as_order_event(
+    publisher: &ConfirmPublisher,
+    exchange: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), oncely::AmqpError> {
     publisher
         .publish(OutgoingMessage {
             exchange,
             routing_key: ORDER_CREATED_V1,
-            body: &body,
+            body,
             properties,
         })
         .await

@@ -1,10 +1,10 @@
 //! Publishing a batch of orders with duplicates and poison messages, for the demo, the tests
 //! and the benchmark.
 
-use crate::{ORDER_CREATED_V1, OrderCreated, order_properties, publish_order};
+use crate::{OrderCreated, order_properties, publish_order};
 use oncely::lapin::BasicProperties;
 use oncely::lapin::types::{AMQPValue, FieldTable};
-use oncely::{ConfirmPublisher, OutgoingMessage};
+use oncely::ConfirmPublisher;
 use rand::{Rng, SeedableRng};
 
 /// The kinds of bad input a producer can send.
@@ -113,14 +113,7 @@ pub async fn publish_poison(
     kind: PoisonKind,
 ) -> Result<(), oncely::AmqpError> {
     let (body, properties) = poison_message(prefix, i, kind);
-    publisher
-        .publish(OutgoingMessage {
-            exchange,
-            routing_key: ORDER_CREATED_V1,
-            body: &body,
-            properties,
-        })
-        .await
+    crate::publish_as_order_event(publisher, exchange, &body, properties).await
 }
 
 /// Body and properties of the `i`th bad message of `kind` of a run (message id
