@@ -447,20 +447,41 @@ async fn relay(
         &args.relays,
     )
     .await?;
+    let (raw, raw_cpu) = figures.raw;
     report.push(
         Row::new(
             "raw_confirmed_publish",
             "broker ceiling",
             "raw pipelined confirmed publish",
-            rate(args.count, figures.raw),
+            rate(args.count, raw),
             "msgs/s",
         )
         .note(format!(
-            "lapin, {} confirms outstanding, persistent, mandatory",
-            args.relay_batch
+            "lapin, {} confirms outstanding, persistent, mandatory; {}",
+            args.relay_batch,
+            raw_cpu.describe()
         )),
     );
-    for (instances, elapsed) in figures.relays {
+    let (publisher, publisher_cpu) = figures.publisher;
+    report.push(
+        Row::new(
+            "publisher_batch",
+            "oncely",
+            "Publisher::publish_batch from memory (the relay's publish step)",
+            rate(args.count, publisher),
+            "msgs/s",
+        )
+        .against("raw_confirmed_publish")
+        .note(format!(
+            "batches of {}; {}",
+            args.relay_batch,
+            publisher_cpu.describe()
+        )),
+    );
+    let mut cpu = serde_json::Map::new();
+    cpu.insert("raw".into(), cpu_json(&raw_cpu));
+    cpu.insert("publisher_batch".into(), cpu_json(&publisher_cpu));
+    for (instances, elapsed, relay_cpu) in figures.relays {
         report.push(
             Row::new(
                 format!("relay_x{instances}"),
@@ -474,11 +495,14 @@ async fn relay(
             )
             .against("raw_confirmed_publish")
             .note(format!(
-                "committed rows to confirmed and marked, batch {}",
-                args.relay_batch
+                "committed rows to confirmed and marked, batch {}; {}",
+                args.relay_batch,
+                relay_cpu.describe()
             )),
         );
+        cpu.insert(format!("relay_x{instances}"), cpu_json(&relay_cpu));
     }
+    report.set("cpu_per_message_relay", serde_json::Value::Object(cpu));
     Ok(())
 }
 

@@ -1,12 +1,13 @@
 //! Outbox relay against a raw pipelined confirmed publish of the same messages.
 
+use crate::cpu;
 use crate::support::{delete_topology, queue_depth};
 use billing::ORDER_CREATED_V1;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use lapin::{BasicProperties, Connection};
 use oncely::outbox::{NewOutboxMessage, Relay, RelayOptions, enqueue_many};
 use oncely::testing::{TestSchema, unique_name};
-use oncely::{PoolOptions, Publisher, PublisherOptions, Topology};
+use oncely::{OutgoingMessage, PoolOptions, Publisher, PublisherOptions, Topology};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,9 +17,12 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct RelayFigures {
     /// Raw pipelined confirmed publish.
-    pub raw: Duration,
-    /// `(relays, elapsed)`: the relay with that many instances sharing the table.
-    pub relays: Vec<(usize, Duration)>,
+    pub raw: (Duration, cpu::PerMessage),
+    /// oncely's `Publisher::publish_batch` of the same messages from memory: the relay's publish
+    /// step alone.
+    pub publisher: (Duration, cpu::PerMessage),
+    /// `(relays, elapsed, cpu)`: the relay with that many instances sharing the table.
+    pub relays: Vec<(usize, Duration, cpu::PerMessage)>,
 }
 
 /// Measures, on one topology and one batch of `count` `order.created.v1` events: a raw lapin
@@ -57,16 +61,22 @@ async fn run(
         .collect::<Result<_, _>>()?;
     let raw = raw_publish(connection, &events, window).await?;
     expect_queued(connection, topology.queue(), count).await?;
+    let publisher = publisher_batch(amqp_url, name, &events, window).await?;
+    expect_queued(connection, topology.queue(), count).await?;
 
     let mut relays = Vec::new();
     for &n in instances {
         let schema = TestSchema::create().await?;
         order_service::migrate(schema.url()).await?;
-        let elapsed = relay(amqp_url, &schema, &events, window, n).await?;
+        let (elapsed, cpu) = relay(amqp_url, &schema, &events, window, n).await?;
         expect_queued(connection, topology.queue(), count).await?;
-        relays.push((n, elapsed));
+        relays.push((n, elapsed, cpu));
     }
-    Ok(RelayFigures { raw, relays })
+    Ok(RelayFigures {
+        raw,
+        publisher,
+        relays,
+    })
 }
 
 /// Checks that `count` messages arrived, then empties the queue for the next measurement.
@@ -90,7 +100,7 @@ async fn raw_publish(
     connection: &Connection,
     events: &[NewOutboxMessage],
     window: usize,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, cpu::PerMessage)> {
     let bodies: Vec<Vec<u8>> = events
         .iter()
         .map(|e| serde_json::to_vec(&e.payload))
@@ -99,6 +109,7 @@ async fn raw_publish(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    let cpu_before = cpu::snapshot("").await;
     let started = Instant::now();
     let mut pending = VecDeque::with_capacity(window);
     for (e, body) in events.iter().zip(&bodies) {
@@ -130,8 +141,58 @@ async fn raw_publish(
         settle(confirm).await?;
     }
     let elapsed = started.elapsed();
+    let cpu_after = cpu::snapshot("").await;
     let _ = channel.close(200, "published".into()).await;
-    Ok(elapsed)
+    Ok((
+        elapsed,
+        cpu::per_message(&cpu_before, &cpu_after, events.len()),
+    ))
+}
+
+/// The relay's publisher (`Publisher::publish_batch`, as `Relay::cycle` calls it) on the same
+/// messages from memory, in batches of `window`.
+async fn publisher_batch(
+    amqp_url: &str,
+    name: &str,
+    events: &[NewOutboxMessage],
+    window: usize,
+) -> anyhow::Result<(Duration, cpu::PerMessage)> {
+    let publisher = Publisher::new(
+        amqp_url,
+        format!("{name}-publisher"),
+        PublisherOptions::default(),
+    );
+    let _ = publisher.publish_batch(&[], 1).await;
+    let bodies: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| serde_json::to_vec(&e.payload))
+        .collect::<Result<_, _>>()?;
+    let messages: Vec<OutgoingMessage<'_>> = events
+        .iter()
+        .zip(&bodies)
+        .map(|(e, body)| OutgoingMessage {
+            exchange: &e.exchange,
+            routing_key: &e.routing_key,
+            body,
+            properties: BasicProperties::default()
+                .with_message_id(e.id.as_str().into())
+                .with_type(e.event_type.as_str().into())
+                .with_content_type("application/json".into()),
+        })
+        .collect();
+    let cpu_before = cpu::snapshot("").await;
+    let started = Instant::now();
+    for chunk in messages.chunks(window.max(1)) {
+        let results = publisher.publish_batch(chunk, window).await;
+        anyhow::ensure!(results.iter().all(Result::is_ok), "publish_batch failed");
+    }
+    let elapsed = started.elapsed();
+    let cpu_after = cpu::snapshot("").await;
+    publisher.close().await;
+    Ok((
+        elapsed,
+        cpu::per_message(&cpu_before, &cpu_after, events.len()),
+    ))
 }
 
 async fn settle(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
@@ -151,7 +212,7 @@ async fn relay(
     events: &[NewOutboxMessage],
     batch: usize,
     instances: usize,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, cpu::PerMessage)> {
     let pool = oncely::connect_pool(schema.url(), &PoolOptions::default());
     let mut conn = pool.get().await?;
     for chunk in events.chunks(1000) {
@@ -181,6 +242,7 @@ async fn relay(
     }
     let total = events.len();
     let published = Arc::new(AtomicUsize::new(0));
+    let cpu_before = cpu::snapshot(schema.name()).await;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for relay in relays {
@@ -209,8 +271,9 @@ async fn relay(
         }
     }
     let elapsed = started.elapsed();
+    let cpu_after = cpu::snapshot(schema.name()).await;
     for publisher in publishers {
         publisher.close().await;
     }
-    result.map(|()| elapsed)
+    result.map(|()| (elapsed, cpu::per_message(&cpu_before, &cpu_after, total)))
 }
