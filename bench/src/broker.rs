@@ -1,5 +1,6 @@
 //! The broker ceiling: a plain lapin consumer that does nothing but ack, one delivery at a time.
 
+use crate::cpu;
 use anyhow::Context;
 use futures_lite::StreamExt;
 use lapin::Connection;
@@ -23,7 +24,7 @@ pub async fn drain(
     count: usize,
     prefetch: u16,
     acks: Acks,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, cpu::PerMessage)> {
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -37,9 +38,13 @@ pub async fn drain(
         )
         .await?;
     let mut started = None;
+    let mut cpu_before = None;
     for n in 1..=count {
         let delivery = consumer.next().await.context("consumer stream ended")??;
-        started.get_or_insert_with(Instant::now);
+        if started.is_none() {
+            cpu_before = Some(cpu::snapshot("").await);
+            started = Some(Instant::now());
+        }
         let ack = match acks {
             Acks::EachAwaited => Some(BasicAckOptions::default()),
             Acks::Multiple(every) if n % every.max(1) == 0 || n == count => {
@@ -52,6 +57,8 @@ pub async fn drain(
         }
     }
     let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    let cpu_after = cpu::snapshot("").await;
     let _ = channel.close(200, "drained".into()).await;
-    Ok(elapsed)
+    let cpu = cpu::per_message(&cpu_before.unwrap_or_default(), &cpu_after, count);
+    Ok((elapsed, cpu))
 }

@@ -7,12 +7,32 @@
 
 use std::collections::HashMap;
 
+/// Statements sent through diesel by this process (every connection, the oncely consumer's
+/// included): counted by a diesel instrumentation installed with [`count_statements`].
+static STATEMENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+struct StatementCounter;
+
+impl diesel::connection::Instrumentation for StatementCounter {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        if let diesel::connection::InstrumentationEvent::StartQuery { .. } = event {
+            STATEMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts every statement of every diesel connection opened from now on.
+pub fn count_statements() {
+    let _ = diesel::connection::set_default_instrumentation(|| Some(Box::new(StatementCounter)));
+}
+
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
 
 /// CPU seconds used so far.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    statements: u64,
     own: f64,
     backends: HashMap<i32, f64>,
     broker: f64,
@@ -27,6 +47,9 @@ pub struct PerMessage {
     pub postgres_us: f64,
     /// RabbitMQ, all of it (other users of the broker included).
     pub broker_us: f64,
+    /// Statements per message sent through diesel (the oncely consumer's; 0 for drivers that
+    /// do not use diesel).
+    pub statements: f64,
 }
 
 impl PerMessage {
@@ -40,13 +63,19 @@ impl PerMessage {
             client_us: avg(|p| p.client_us),
             postgres_us: avg(|p| p.postgres_us),
             broker_us: avg(|p| p.broker_us),
+            statements: avg(|p| p.statements),
         }
     }
 
     /// `client 120 + postgres 300 + broker 80 µs/msg`.
     pub fn describe(&self) -> String {
+        let statements = if self.statements > 0.0 {
+            format!("; {:.2} statements/msg", self.statements)
+        } else {
+            String::new()
+        };
         format!(
-            "CPU/msg: client {:.0} + postgres {:.0} + broker {:.0} µs",
+            "CPU/msg: client {:.0} + postgres {:.0} + broker {:.0} µs{statements}",
             self.client_us, self.postgres_us, self.broker_us
         )
     }
@@ -61,6 +90,7 @@ pub async fn snapshot(application_name: &str) -> Snapshot {
         .filter_map(|pid| Some((pid, cpu_seconds(&format!("/proc/{pid}/stat"))?)))
         .collect();
     Snapshot {
+        statements: STATEMENTS.load(std::sync::atomic::Ordering::Relaxed),
         own: cpu_seconds("/proc/self/stat").unwrap_or_default(),
         backends,
         broker: broker_pids()
@@ -83,6 +113,7 @@ pub fn per_message(start: &Snapshot, end: &Snapshot, messages: usize) -> PerMess
         client_us: per(end.own - start.own),
         postgres_us: per(postgres),
         broker_us: per(end.broker - start.broker),
+        statements: end.statements.saturating_sub(start.statements) as f64 / messages.max(1) as f64,
     }
 }
 
@@ -137,11 +168,13 @@ mod tests {
     #[test]
     fn new_backends_count_from_zero() {
         let start = Snapshot {
+            statements: 0,
             own: 1.0,
             backends: HashMap::from([(1, 2.0)]),
             broker: 5.0,
         };
         let end = Snapshot {
+            statements: 4000,
             own: 1.5,
             backends: HashMap::from([(1, 2.5), (2, 0.5)]),
             broker: 5.25,
@@ -150,5 +183,6 @@ mod tests {
         assert_eq!(p.client_us.round(), 500.0);
         assert_eq!(p.postgres_us.round(), 1000.0);
         assert_eq!(p.broker_us.round(), 250.0);
+        assert_eq!(p.statements, 4.0);
     }
 }

@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Child::ConsumerChild(child)) = args.child {
         return memory::child(child).await;
     }
+    cpu::count_statements();
     let mut report = Report::default();
     report.set("run", environment(&args).await);
     let connection = support::amqp(&args.amqp_url, "oncely-bench").await?;
@@ -233,7 +234,7 @@ async fn broker_ceiling(
         }
         .await;
         match measured {
-            Ok(elapsed) => report.push(
+            Ok((elapsed, cpu)) => report.push(
                 Row::new(
                     key,
                     "broker ceiling",
@@ -241,7 +242,7 @@ async fn broker_ceiling(
                     rate(args.count, elapsed),
                     "msgs/s",
                 )
-                .note(format!("prefetch {}", args.prefetch)),
+                .note(format!("prefetch {}; {}", args.prefetch, cpu.describe())),
             ),
             Err(e) => {
                 result = Err(e);
@@ -385,6 +386,7 @@ fn cpu_json(cpu: &cpu::PerMessage) -> serde_json::Value {
         "client_us": cpu.client_us.round(),
         "postgres_us": cpu.postgres_us.round(),
         "broker_us": cpu.broker_us.round(),
+        "statements_per_message": (cpu.statements * 100.0).round() / 100.0,
     })
 }
 
