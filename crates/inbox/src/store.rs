@@ -161,10 +161,14 @@ impl Inbox {
                     commit(conn).await?;
                     Ok(Outcome::Processed { attempts })
                 }
-                Err(e) => {
-                    rollback(conn).await?;
-                    Err(TxError::Handler(e))
-                }
+                Err(e) => match rollback(conn).await {
+                    // A broken transaction manager discards the connection anyway: the handler's
+                    // error is the one worth reporting (as `AsyncConnection::transaction` does).
+                    Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => {
+                        Err(TxError::Handler(e))
+                    }
+                    Err(rollback_error) => Err(TxError::Db(rollback_error)),
+                },
             }
         };
         let result = match self.handler_timeout {
