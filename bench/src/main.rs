@@ -412,7 +412,10 @@ async fn batched(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             Row::new(
                 format!("pg_batch{PER_TRANSACTION}_c{clients}"),
                 "PostgreSQL ceiling",
-                format!("{PER_TRANSACTION} messages per transaction, {clients} clients"),
+                format!(
+                    "{PER_TRANSACTION} messages per transaction, {clients} client{}",
+                    if clients == 1 { "" } else { "s" }
+                ),
                 rate(args.batch_count, elapsed),
                 "msgs/s",
             )
@@ -426,7 +429,10 @@ async fn batched(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             Row::missing(
                 format!("oncely_batched_c{clients}"),
                 "oncely",
-                format!("batched mode, {clients} consumers"),
+                format!(
+                    "batched mode, {clients} consumer{}",
+                    if clients == 1 { "" } else { "s" }
+                ),
                 "msgs/s",
                 "n/a (batched mode not built)",
             )
