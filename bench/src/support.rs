@@ -73,9 +73,13 @@ pub async fn delete_queues(connection: &Connection, queues: &[String], exchange:
     let _ = channel.close(200, "cleaned up".into()).await;
 }
 
-/// Deletes the queues and exchange of an oncely topology.
+/// Deletes the queues and exchange of an oncely topology, with the delay queues the consumer
+/// builder adds for the default retry policy.
 pub async fn delete_topology(connection: &Connection, topology: &Topology) {
-    delete_queues(connection, &topology.queues(), Some(topology.exchange())).await;
+    let with_tiers = topology
+        .clone()
+        .retry_tiers(oncely::RetryPolicy::default().tiers());
+    delete_queues(connection, &with_tiers.queues(), Some(topology.exchange())).await;
 }
 
 /// Publishes orders `<prefix>-<n>` for `range` as the order service does (same body and
