@@ -1,40 +1,87 @@
-//! Throughput of one run, three consumers draining the same 20,000 orders:
-//! (a) a plain lapin consumer that only acks, (b) a naive consumer that runs the inbox
-//! transaction by hand (BEGIN; claim; insert invoice; COMMIT; ack) at the same concurrency, and
-//! (c) oncely with the billing handler. Prints msgs/s and the ratios.
+//! The oncely benchmark suite: every oncely figure next to its ceiling, measured side by side in
+//! one run on one machine, printed as a table and written as a JSON summary.
 //!
-//! Run with: ./scripts/bench   (or: cargo run --release -p oncely-bench -- --count 20000)
+//! - PostgreSQL ceiling: the billing inbox transaction driven straight with tokio-postgres,
+//!   per message at each concurrency, and 100 messages per transaction (multi-row statements);
+//! - broker ceiling: a plain lapin consumer that only acks (awaited per message, and `multiple`);
+//! - oncely single-message mode with the billing handler at each concurrency;
+//! - outbox relay against a raw pipelined confirmed publish;
+//! - publish-to-commit latency at a fixed rate;
+//! - RSS of the consumer (a child process) under load at prefetch 500, and whether it stays flat.
+//!
+//! Run with: ./scripts/bench   (or: cargo run --release -p oncely-bench -- --help)
+
+mod broker;
+mod ceiling;
+mod cpu;
+mod latency;
+mod memory;
+mod relay;
+mod report;
+mod single;
+mod support;
 
 use anyhow::Context;
-use billing::{ORDER_CREATED_V1, order, order_properties};
-use clap::Parser;
-use diesel::sql_types::{BigInt, Text};
-use diesel_async::{AsyncConnection, RunQueryDsl};
-use futures_lite::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
-use oncely::testing::{TestSchema, unique_name};
-use oncely::{Consumer, Inbox, PoolOptions, Topology};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use clap::{Parser, Subcommand};
+use oncely::testing::unique_name;
+use report::{Report, Row};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
+use support::rate;
 
 #[derive(Parser, Debug)]
-#[command(about = "oncely throughput benchmark")]
+#[command(about = "oncely benchmark suite: oncely against its ceilings, side by side")]
 struct Args {
-    /// Orders to publish and drain.
+    /// Messages per throughput measurement (concurrency 1 runs use a fifth of it).
     #[arg(long, default_value_t = 20_000)]
     count: usize,
-    /// Deliveries processed at once by (b) and (c).
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
+    /// Messages of each batched PostgreSQL ceiling run.
+    #[arg(long, default_value_t = 100_000)]
+    batch_count: usize,
+    /// Interleaved rounds of each per-message comparison (ceiling, then oncely, again).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrencies of the per-message runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16,32")]
+    concurrency: Vec<usize>,
+    /// Clients of the batched PostgreSQL ceiling.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    batch_clients: Vec<usize>,
     /// Broker prefetch of every consumer.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 500)]
     prefetch: u16,
+    /// The plain consumer's `multiple` ack covers this many deliveries.
+    #[arg(long, default_value_t = 100)]
+    ack_every: usize,
+    /// Rows per relay cycle, and confirms outstanding (the raw publish gets the same window).
+    #[arg(long, default_value_t = 1000)]
+    relay_batch: usize,
+    /// Relay instances to measure (each with its own publisher connection).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    relays: Vec<usize>,
+    /// Publish rate of the latency run.
+    #[arg(long, default_value_t = 500)]
+    latency_rate: u32,
+    /// Length of the latency run.
+    #[arg(long, default_value_t = 20)]
+    latency_seconds: u64,
+    /// Consumer concurrency of the latency and memory runs.
+    #[arg(long, default_value_t = 16)]
+    load_concurrency: usize,
+    /// Length of the memory run under load; 10 for a soak.
+    #[arg(long, default_value_t = 1.0)]
+    soak_minutes: f64,
+    /// Sections to run: broker, pg, oncely, batched, relay, latency, memory.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "broker,pg,oncely,batched,relay,latency,memory"
+    )]
+    only: Vec<String>,
+    /// Where the JSON summary goes.
+    #[arg(long, default_value = "target/bench/summary.json")]
+    json: PathBuf,
     /// RabbitMQ URL.
     #[arg(
         long,
@@ -42,6 +89,30 @@ struct Args {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
+    #[command(subcommand)]
+    child: Option<Child>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Child {
+    /// The consumer of the memory run (started by the suite itself).
+    #[command(hide = true)]
+    ConsumerChild(memory::ChildArgs),
+}
+
+impl Args {
+    fn runs(&self, section: &str) -> bool {
+        self.only.iter().any(|s| s == section)
+    }
+
+    /// Messages of a per-message run at `concurrency`.
+    fn count_at(&self, concurrency: usize) -> usize {
+        if concurrency <= 1 {
+            (self.count / 5).max(1)
+        } else {
+            self.count
+        }
+    }
 }
 
 #[tokio::main]
@@ -53,269 +124,484 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let name = unique_name("bench");
-    let exchange = format!("oncely.{name}");
-    let queues = ["plain", "naive", "oncely"].map(|kind| format!("{name}.{kind}.q"));
-
-    let connection = Connection::connect(&args.amqp_url, Default::default())
-        .await
-        .context("connect to RabbitMQ")?;
-    // oncely declares its own topology; the two baselines get plain durable queues.
-    let oncely_topology = Topology::new(&exchange, &queues[2]).bind(ORDER_CREATED_V1);
-    oncely_topology.declare(&connection).await?;
-    let setup = connection.create_channel().await?;
-    for q in &queues[..2] {
-        setup
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-        setup
-            .queue_bind(
-                q.as_str().into(),
-                exchange.as_str().into(),
-                ORDER_CREATED_V1.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+    if let Some(Child::ConsumerChild(child)) = args.child {
+        return memory::child(child).await;
     }
+    cpu::count_statements();
+    let mut report = Report::default();
+    report.set("run", environment(&args).await);
+    let connection = support::amqp(&args.amqp_url, "oncely-bench").await?;
 
-    let schema = TestSchema::create().await?;
-    billing::migrate(schema.url()).await?;
-    let pool = oncely::connect_pool(
-        schema.url(),
-        &PoolOptions {
-            max_size: (args.concurrency as u32).max(1) * 2,
-            ..PoolOptions::default()
-        },
-    );
-
-    let started = Instant::now();
-    publish(&connection, &exchange, &name, args.count).await?;
-    println!(
-        "published {} orders (fanned out to 3 queues) in {:.2}s",
-        args.count,
-        started.elapsed().as_secs_f64()
-    );
-
-    let plain = drain_plain(&connection, &queues[0], args.count, args.prefetch).await?;
-    report("(a) plain lapin, ack only", args.count, plain);
-
-    let naive = drain_naive(&connection, &queues[1], args.count, &args, schema.url()).await?;
-    report("(b) naive transaction + ack", args.count, naive);
-
-    let consumer = Consumer::builder(billing::create_invoice, Inbox::new(pool.clone()))
-        .amqp_url(&args.amqp_url)
-        .topology(oncely_topology.clone())
-        .concurrency(args.concurrency)
-        .prefetch(args.prefetch)
-        .build()
-        .spawn();
-    let t = Instant::now();
-    while (consumer.stats().settled() as usize) < args.count {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(600),
-            "oncely did not drain in 10 min"
+    if args.runs("broker") {
+        eprintln!("broker ceiling: plain lapin, ack only");
+        broker_ceiling(&args, &connection, &mut report).await?;
+    }
+    if args.runs("pg") || args.runs("oncely") {
+        eprintln!(
+            "per-message transaction: PostgreSQL ceiling and oncely single mode, side by side"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        for &c in &args.concurrency {
+            single_mode(&args, &connection, &mut report, c).await?;
+        }
     }
-    let oncely_elapsed = t.elapsed();
-    consumer.shutdown().await?;
-    report("(c) oncely, billing handler", args.count, oncely_elapsed);
-
-    let mut conn = pool.get().await?;
-    let invoices = billing::count_invoices(&mut conn, "").await?;
-    anyhow::ensure!(
-        invoices as usize == args.count,
-        "expected {} invoices from oncely, found {invoices}",
-        args.count
-    );
-    drop(conn);
-
-    let rate = |d: Duration| args.count as f64 / d.as_secs_f64();
-    println!(
-        "ratio oncely / plain ack-only: {:.2}   oncely / naive transaction: {:.2}   naive / plain: {:.2}",
-        rate(oncely_elapsed) / rate(plain),
-        rate(oncely_elapsed) / rate(naive),
-        rate(naive) / rate(plain),
-    );
-    println!(
-        "(concurrency {}, prefetch {}; each queue drained alone, one after the other)",
-        args.concurrency, args.prefetch
-    );
-
-    let mut queues_to_delete = queues.to_vec();
-    queues_to_delete.extend([oncely_topology.dlq(), oncely_topology.parking()]);
-    for q in queues_to_delete {
-        let _ = setup
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
+    if args.runs("batched") {
+        eprintln!("batched: PostgreSQL ceiling with 100 messages per transaction");
+        batched(&args, &mut report).await?;
     }
-    let _ = setup
-        .exchange_delete(exchange.as_str().into(), Default::default())
-        .await;
+    if args.runs("relay") {
+        eprintln!("outbox relay against raw pipelined confirmed publish");
+        relay(&args, &connection, &mut report).await?;
+    }
+    if args.runs("latency") {
+        eprintln!(
+            "latency: {} msgs/s for {} s",
+            args.latency_rate, args.latency_seconds
+        );
+        latency(&args, &connection, &mut report).await?;
+    }
+    if args.runs("memory") {
+        eprintln!(
+            "memory: consumer child at prefetch {} for {} min",
+            args.prefetch, args.soak_minutes
+        );
+        memory(&args, &connection, &mut report).await?;
+    }
     let _ = connection.close(200, "bench done".into()).await;
+
+    println!("{}", report.table());
+    report
+        .write_json(&args.json)
+        .with_context(|| format!("write {}", args.json.display()))?;
+    println!("JSON summary: {}", args.json.display());
     Ok(())
 }
 
-fn report(what: &str, count: usize, elapsed: Duration) {
-    println!(
-        "{what:<32} {count} msgs in {:>6.2}s = {:>8.0} msgs/s",
-        elapsed.as_secs_f64(),
-        count as f64 / elapsed.as_secs_f64()
-    );
+/// Date, machine and settings, for the summary.
+async fn environment(args: &Args) -> serde_json::Value {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0));
+    let postgres = postgres_version().await.ok();
+    json!({
+        "date": chrono::Utc::now().to_rfc3339(),
+        "cores": cores,
+        "memory": memory,
+        "postgres": postgres,
+        "args": format!("{args:?}"),
+    })
 }
 
-/// Publishes with confirms, 500 outstanding at a time.
-async fn publish(
-    connection: &Connection,
-    exchange: &str,
-    prefix: &str,
-    count: usize,
+async fn postgres_version() -> anyhow::Result<String> {
+    let (client, connection) =
+        tokio_postgres::connect(&oncely::testing::database_url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client.query_one("SHOW server_version", &[]).await?.get(0))
+}
+
+async fn broker_ceiling(
+    args: &Args,
+    connection: &lapin::Connection,
+    report: &mut Report,
 ) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let mut pending = Vec::with_capacity(500);
-    for n in 0..count {
-        let o = order(prefix, n);
-        let body = serde_json::to_vec(&o)?;
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                ORDER_CREATED_V1.into(),
-                BasicPublishOptions::default(),
-                &body,
-                order_properties(&o).with_delivery_mode(2),
-            )
-            .await?;
-        pending.push(confirm);
-        if pending.len() == 500 || n + 1 == count {
-            for confirm in pending.drain(..) {
-                anyhow::ensure!(confirm.await?.is_ack(), "broker refused a bench message");
+    let queue = format!("{}.q", unique_name("bench_plain"));
+    support::declare_plain_queue(connection, &queue).await?;
+    let runs = [
+        (
+            "broker_ack_each",
+            "plain lapin consumer, awaited ack per message".to_owned(),
+            broker::Acks::EachAwaited,
+        ),
+        (
+            "broker_ack_multiple",
+            format!(
+                "plain lapin consumer, multiple ack every {}",
+                args.ack_every
+            ),
+            broker::Acks::Multiple(args.ack_every),
+        ),
+    ];
+    let mut result = Ok(());
+    for (key, label, acks) in runs {
+        let measured = async {
+            support::publish_orders(connection, "", &queue, &queue, 0..args.count).await?;
+            broker::drain(connection, &queue, args.count, args.prefetch, acks).await
+        }
+        .await;
+        match measured {
+            Ok((elapsed, cpu)) => report.push(
+                Row::new(
+                    key,
+                    "broker ceiling",
+                    label,
+                    rate(args.count, elapsed),
+                    "msgs/s",
+                )
+                .note(format!("prefetch {}; {}", args.prefetch, cpu.describe())),
+            ),
+            Err(e) => {
+                result = Err(e);
+                break;
             }
         }
     }
+    support::delete_queues(connection, &[queue], None).await;
+    result
+}
+
+/// One figure accumulated over the rounds of a side-by-side measurement.
+#[derive(Default)]
+struct Tally {
+    count: usize,
+    elapsed: Duration,
+    cpu: Vec<(usize, cpu::PerMessage)>,
+}
+
+impl Tally {
+    fn add(&mut self, count: usize, elapsed: Duration, cpu: cpu::PerMessage) {
+        self.count += count;
+        self.elapsed += elapsed;
+        self.cpu.push((count, cpu));
+    }
+
+    fn rate(&self) -> f64 {
+        rate(self.count, self.elapsed)
+    }
+
+    fn cpu(&self) -> cpu::PerMessage {
+        cpu::PerMessage::weighted(&self.cpu)
+    }
+}
+
+/// The PostgreSQL ceiling (pipelined and not) and oncely at one concurrency, in `rounds`
+/// interleaved rounds so that all three see the same load of a shared machine.
+async fn single_mode(
+    args: &Args,
+    connection: &lapin::Connection,
+    report: &mut Report,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let rounds = args.rounds.max(1);
+    let count = (args.count_at(concurrency) / rounds).max(1);
+    let shapes = [ceiling::Shape::Pipelined, ceiling::Shape::Sequential];
+    let mut pg = [Tally::default(), Tally::default()];
+    let mut oncely = Tally::default();
+    for _ in 0..rounds {
+        if args.runs("pg") {
+            for (shape, tally) in shapes.iter().zip(pg.iter_mut()) {
+                let schema = support::billing_schema().await?;
+                let prefix = unique_name("bench_pg");
+                let (elapsed, cpu) =
+                    ceiling::per_message(&schema, *shape, concurrency, count, &prefix).await?;
+                let invoices = ceiling::count_invoices(schema.url(), &prefix).await?;
+                anyhow::ensure!(
+                    invoices as usize == count,
+                    "ceiling made {invoices} invoices"
+                );
+                tally.add(count, elapsed, cpu);
+            }
+        }
+        if args.runs("oncely") {
+            let drained = single::drain(
+                connection,
+                &args.amqp_url,
+                concurrency,
+                args.prefetch,
+                count,
+            )
+            .await?;
+            oncely.add(drained.count, drained.elapsed, drained.cpu);
+        }
+    }
+    let plural = if concurrency == 1 { "" } else { "s" };
+    let ceiling_key = format!("pg_txn_c{concurrency}");
+    let sequential_key = format!("pg_txn_seq_c{concurrency}");
+    if args.runs("pg") {
+        for ((key, what, suffix), tally) in [
+            (
+                &ceiling_key,
+                "BEGIN pipelined with the claim; insert; COMMIT (3 round trips)",
+                "",
+            ),
+            (
+                &sequential_key,
+                "BEGIN; claim; insert; COMMIT (4 round trips)",
+                ", unpipelined",
+            ),
+        ]
+        .into_iter()
+        .zip(&pg)
+        {
+            report.push(
+                Row::new(
+                    key.as_str(),
+                    "PostgreSQL ceiling",
+                    format!("inbox transaction per message, {concurrency} client{plural}{suffix}"),
+                    tally.rate(),
+                    "msgs/s",
+                )
+                .note(format!(
+                    "tokio-postgres, prepared; {what}; {}",
+                    tally.cpu().describe()
+                )),
+            );
+        }
+    }
+    if args.runs("oncely") {
+        report.push(
+            Row::new(
+                format!("oncely_single_c{concurrency}"),
+                "oncely",
+                format!("single-message mode, concurrency {concurrency}"),
+                oncely.rate(),
+                "msgs/s",
+            )
+            .against(ceiling_key)
+            .also_against(sequential_key)
+            .note(format!(
+                "billing::create_invoice, prefetch {}; {}",
+                args.prefetch,
+                oncely.cpu().describe()
+            )),
+        );
+    }
+    report.set(
+        &format!("cpu_per_message_c{concurrency}"),
+        json!({
+            "pg_pipelined": cpu_json(&pg[0].cpu()),
+            "pg_sequential": cpu_json(&pg[1].cpu()),
+            "oncely_single": cpu_json(&oncely.cpu()),
+        }),
+    );
     Ok(())
 }
 
-async fn consume(
-    connection: &Connection,
-    queue: &str,
-    prefetch: u16,
-) -> anyhow::Result<(Channel, lapin::Consumer)> {
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
+fn cpu_json(cpu: &cpu::PerMessage) -> serde_json::Value {
+    json!({
+        "client_us": cpu.client_us.round(),
+        "postgres_us": cpu.postgres_us.round(),
+        "broker_us": cpu.broker_us.round(),
+        "statements_per_message": (cpu.statements * 100.0).round() / 100.0,
+    })
+}
+
+async fn batched(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+    const PER_TRANSACTION: usize = 100;
+    for &clients in &args.batch_clients {
+        let schema = support::billing_schema().await?;
+        let prefix = unique_name("bench_pgb");
+        let elapsed = ceiling::batched(
+            schema.url(),
+            clients,
+            args.batch_count,
+            PER_TRANSACTION,
+            &prefix,
         )
         .await?;
-    Ok((channel, consumer))
-}
-
-async fn drain_plain(
-    connection: &Connection,
-    queue: &str,
-    count: usize,
-    prefetch: u16,
-) -> anyhow::Result<Duration> {
-    let (channel, mut consumer) = consume(connection, queue, prefetch).await?;
-    let t = Instant::now();
-    for _ in 0..count {
-        let delivery = consumer.next().await.context("stream ended")??;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        let invoices = ceiling::count_invoices(schema.url(), &prefix).await?;
+        anyhow::ensure!(
+            invoices as usize == args.batch_count,
+            "batched ceiling made {invoices} invoices"
+        );
+        report.push(
+            Row::new(
+                format!("pg_batch{PER_TRANSACTION}_c{clients}"),
+                "PostgreSQL ceiling",
+                format!(
+                    "{PER_TRANSACTION} messages per transaction, {clients} client{}",
+                    if clients == 1 { "" } else { "s" }
+                ),
+                rate(args.batch_count, elapsed),
+                "msgs/s",
+            )
+            .note("multi-row claim and insert (unnest)"),
+        );
     }
-    let elapsed = t.elapsed();
-    let _ = channel.close(200, "done".into()).await;
-    Ok(elapsed)
+    // Batched consumer mode is not built yet. When it is: drain with the batched builder option
+    // (as `single::drain` does) and push a measured row in place of this one, same key.
+    for &clients in &args.batch_clients {
+        report.push(
+            Row::missing(
+                format!("oncely_batched_c{clients}"),
+                "oncely",
+                format!(
+                    "batched mode, {clients} consumer{}",
+                    if clients == 1 { "" } else { "s" }
+                ),
+                "msgs/s",
+                "n/a (batched mode not built)",
+            )
+            .against(format!("pg_batch{PER_TRANSACTION}_c{clients}")),
+        );
+    }
+    Ok(())
 }
 
-/// What a careful user would write by hand: one connection per worker, BEGIN, claim, insert,
-/// COMMIT, then ack.
-async fn drain_naive(
-    connection: &Connection,
-    queue: &str,
-    count: usize,
+async fn relay(
     args: &Args,
-    database_url: &str,
-) -> anyhow::Result<Duration> {
-    let mut connections = Vec::new();
-    for _ in 0..args.concurrency {
-        connections.push(diesel_async::AsyncPgConnection::establish(database_url).await?);
+    connection: &lapin::Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let figures = relay::measure(
+        connection,
+        &args.amqp_url,
+        args.count,
+        args.relay_batch,
+        &args.relays,
+    )
+    .await?;
+    let (raw, raw_cpu) = figures.raw;
+    report.push(
+        Row::new(
+            "raw_confirmed_publish",
+            "broker ceiling",
+            "raw pipelined confirmed publish",
+            rate(args.count, raw),
+            "msgs/s",
+        )
+        .note(format!(
+            "lapin, {} confirms outstanding, persistent, mandatory; {}",
+            args.relay_batch,
+            raw_cpu.describe()
+        )),
+    );
+    let (publisher, publisher_cpu) = figures.publisher;
+    report.push(
+        Row::new(
+            "publisher_batch",
+            "oncely",
+            "Publisher::publish_batch from memory (the relay's publish step)",
+            rate(args.count, publisher),
+            "msgs/s",
+        )
+        .against("raw_confirmed_publish")
+        .note(format!(
+            "batches of {}; {}",
+            args.relay_batch,
+            publisher_cpu.describe()
+        )),
+    );
+    let mut cpu = serde_json::Map::new();
+    cpu.insert("raw".into(), cpu_json(&raw_cpu));
+    cpu.insert("publisher_batch".into(), cpu_json(&publisher_cpu));
+    for (instances, elapsed, relay_cpu) in figures.relays {
+        report.push(
+            Row::new(
+                format!("relay_x{instances}"),
+                "oncely",
+                format!(
+                    "outbox relay, {instances} instance{}",
+                    if instances == 1 { "" } else { "s" }
+                ),
+                rate(args.count, elapsed),
+                "rows/s",
+            )
+            .against("raw_confirmed_publish")
+            .note(format!(
+                "committed rows to confirmed and marked, batch {}; {}",
+                args.relay_batch,
+                relay_cpu.describe()
+            )),
+        );
+        cpu.insert(format!("relay_x{instances}"), cpu_json(&relay_cpu));
     }
-    let connections = Arc::new(tokio::sync::Mutex::new(connections));
-    let (channel, mut consumer) = consume(connection, queue, args.prefetch).await?;
-    let permits = Arc::new(Semaphore::new(args.concurrency));
-    let t = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..count {
-        let delivery = consumer.next().await.context("stream ended")??;
-        let permit = permits.clone().acquire_owned().await?;
-        let connections = connections.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let mut conn = connections
-                .lock()
-                .await
-                .pop()
-                .context("no free connection")?;
-            let o: billing::OrderCreated = serde_json::from_slice(&delivery.data)?;
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_default();
-            conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-                let claimed = diesel::sql_query(
-                    "INSERT INTO message_inbox (consumer_name, message_id, status, processed_at) \
-                     VALUES ('naive', $1, 'processed', now()) ON CONFLICT DO NOTHING",
-                )
-                .bind::<Text, _>(&id)
-                .execute(conn)
-                .await?;
-                if claimed == 1 {
-                    diesel::sql_query(
-                        "INSERT INTO invoices (order_id, customer_id, amount_cents, currency) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (order_id) DO NOTHING",
-                    )
-                    .bind::<Text, _>(format!("naive-{}", o.order_id))
-                    .bind::<Text, _>(&o.customer_id)
-                    .bind::<BigInt, _>(o.amount_cents)
-                    .bind::<Text, _>(&o.currency)
-                    .execute(conn)
-                    .await?;
-                }
-                Ok(())
-            })
-            .await?;
-            connections.lock().await.push(conn);
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            anyhow::Ok(())
-        });
-        while let Some(done) = tasks.try_join_next() {
-            done??;
-        }
+    report.set("cpu_per_message_relay", serde_json::Value::Object(cpu));
+    Ok(())
+}
+
+async fn latency(
+    args: &Args,
+    connection: &lapin::Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let measured = latency::measure(
+        connection,
+        &args.amqp_url,
+        args.latency_rate,
+        args.latency_seconds,
+        args.load_concurrency,
+        args.prefetch,
+    )
+    .await?;
+    let note = format!(
+        "{} msgs at {:.0} msgs/s, concurrency {}, publish to COMMIT",
+        measured.count, measured.rate, args.load_concurrency
+    );
+    for (key, label, value) in [
+        ("latency_p50_ms", "end-to-end latency p50", measured.p50),
+        ("latency_p99_ms", "end-to-end latency p99", measured.p99),
+    ] {
+        report.push(Row::new(key, "latency", label, value, "ms").note(note.clone()));
     }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    let elapsed = t.elapsed();
-    let _ = channel.close(200, "done".into()).await;
-    // Leave the invoice table to oncely's run.
-    let mut conn = diesel_async::AsyncPgConnection::establish(database_url).await?;
-    diesel::sql_query("DELETE FROM invoices WHERE order_id LIKE 'naive-%'")
-        .execute(&mut conn)
-        .await?;
-    Ok(elapsed)
+    report.set(
+        "latency",
+        json!({
+            "count": measured.count, "rate": measured.rate, "p50_ms": measured.p50,
+            "p90_ms": measured.p90, "p99_ms": measured.p99, "max_ms": measured.max,
+        }),
+    );
+    Ok(())
+}
+
+async fn memory(
+    args: &Args,
+    connection: &lapin::Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let duration = Duration::from_secs_f64(args.soak_minutes.max(0.1) * 60.0);
+    let measured = memory::measure(
+        connection,
+        &args.amqp_url,
+        duration,
+        args.load_concurrency,
+        args.prefetch,
+    )
+    .await?;
+    let note = format!(
+        "{:.1} min, prefetch {}, concurrency {}, {} msgs at {:.0} msgs/s",
+        args.soak_minutes, args.prefetch, args.load_concurrency, measured.processed, measured.rate
+    );
+    report.push(
+        Row::new(
+            "consumer_peak_rss_mib",
+            "memory",
+            "consumer peak RSS (VmHWM) under load",
+            measured.peak_mib,
+            "MiB",
+        )
+        .note(format!("target < 64 MiB; {note}")),
+    );
+    report.push(
+        Row::new(
+            "consumer_rss_growth_mib",
+            "memory",
+            "RSS growth, last fifth vs second fifth of the run",
+            measured.late_mib - measured.early_mib,
+            "MiB",
+        )
+        .note(format!(
+            "{:.1} -> {:.1} MiB; flat means about 0",
+            measured.early_mib, measured.late_mib
+        )),
+    );
+    let samples: Vec<_> = measured
+        .samples
+        .iter()
+        .map(|s| {
+            json!([
+                (s.at * 10.0).round() / 10.0,
+                (s.rss_mib * 10.0).round() / 10.0
+            ])
+        })
+        .collect();
+    report.set(
+        "memory",
+        json!({ "samples_s_mib": samples, "peak_mib": measured.peak_mib }),
+    );
+    Ok(())
 }

@@ -8,6 +8,9 @@
 //!        <handler's statements>; COMMIT
 //! ```
 //!
+//! `BEGIN` and the claim go out together and cost one round trip; the claim is prepared once per
+//! pooled connection.
+//!
 //! The claim writes `processed` straight away: the transaction either commits the business
 //! change together with that row, or rolls both back. No row back from the claim means another
 //! transaction already committed this message: the outcome is [`Outcome::Duplicate`] and the

@@ -148,19 +148,33 @@ impl Inbox {
     {
         let message_id = envelope.metadata.message_id.clone();
         let mut conn = self.pool.get().await?;
-        let transaction = conn.transaction::<Outcome, TxError, _>(async |conn| {
-            let Some(attempts) = claim(conn, consumer, &message_id).await? else {
+        let transaction = async {
+            let conn: &mut AsyncPgConnection = &mut conn;
+            let Some(attempts) = begin_and_claim(conn, consumer, &message_id).await? else {
+                commit(conn).await?;
                 return Ok(Outcome::Duplicate);
             };
             let handled = AssertUnwindSafe(handler(conn, envelope))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(panic_error(panic)));
-            handled.map_err(TxError::Handler)?;
-            // Fault suite: the process dies with the handler's work done, uncommitted.
-            fail::fail_point!("oncely::before_commit", |_| std::process::abort());
-            Ok(Outcome::Processed { attempts })
-        });
+            match handled {
+                Ok(()) => {
+                    // Fault suite: the process dies with the handler's work done, uncommitted.
+                    fail::fail_point!("oncely::before_commit", |_| std::process::abort());
+                    commit(conn).await?;
+                    Ok(Outcome::Processed { attempts })
+                }
+                Err(e) => match rollback(conn).await {
+                    // A broken transaction manager discards the connection anyway: the handler's
+                    // error is the one worth reporting (as `AsyncConnection::transaction` does).
+                    Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => {
+                        Err(TxError::Handler(e))
+                    }
+                    Err(rollback_error) => Err(TxError::Db(rollback_error)),
+                },
+            }
+        };
         let result = match self.handler_timeout {
             None => transaction.await,
             Some(limit) => match tokio::time::timeout(limit, transaction).await {
@@ -327,33 +341,127 @@ async fn abandon(conn: &mut AsyncPgConnection) {
 
 /// The claim: one statement that inserts the row as processed, or turns a failed row into a
 /// processed one, or returns nothing when the message was processed already.
-async fn claim(
+///
+/// A query type of its own rather than diesel's `insert_into(..).on_conflict(..).do_update()`:
+/// diesel marks every `DO UPDATE` (and every `sql_query`) unsafe to cache, so that version was
+/// prepared (one extra round trip) and planned again for every message. This one has a static
+/// query id, so each connection prepares it once and then only binds and executes it.
+#[derive(Debug, Clone, Copy)]
+struct Claim<'a> {
+    consumer: &'a str,
+    message_id: &'a str,
+}
+
+impl diesel::query_builder::QueryId for Claim<'_> {
+    type QueryId = Claim<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for Claim<'_> {
+    type SqlType = diesel::sql_types::Integer;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for Claim<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        use diesel::sql_types::Text;
+        out.push_sql(
+            "INSERT INTO message_inbox \
+             (consumer_name, message_id, status, attempts, processed_at) VALUES (",
+        );
+        out.push_bind_param::<Text, _>(self.consumer)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(self.message_id)?;
+        out.push_sql(
+            ", 'processed', 1, now()) \
+             ON CONFLICT (consumer_name, message_id) DO UPDATE \
+             SET status = 'processed', attempts = message_inbox.attempts + 1, \
+             processed_at = now(), error_code = NULL, error_message = NULL \
+             WHERE message_inbox.status <> 'processed' RETURNING attempts",
+        );
+        Ok(())
+    }
+}
+
+type TransactionManager = <AsyncPgConnection as AsyncConnection>::TransactionManager;
+
+/// Opens the transaction and claims the message in it, with ONE round trip: `BEGIN` and the
+/// claim are sent together (pipelined) and the server runs them in order.
+///
+/// tokio-postgres sends requests in the order they are first polled, so `BEGIN` is polled alone
+/// first: it is on the wire before the claim is even built. The transaction manager is then told
+/// about the open transaction, as `AsyncConnection::transaction` would have done, so nested
+/// transactions (savepoints) in the handler, the commit and the pool's broken-connection check
+/// work as usual.
+///
+/// When `BEGIN` fails the claim may have run outside any transaction; the connection is then
+/// marked broken (the pool discards it) and the error returned. `BEGIN` only fails when the
+/// connection does, and then the claim fails with it.
+async fn begin_and_claim(
     conn: &mut AsyncPgConnection,
     consumer: &str,
     message_id: &str,
 ) -> Result<Option<i32>, diesel::result::Error> {
-    let upsert = diesel::insert_into(inbox::message_inbox)
-        .values((
-            inbox::consumer_name.eq(consumer),
-            inbox::message_id.eq(message_id),
-            inbox::status.eq("processed"),
-            inbox::attempts.eq(1),
-            inbox::processed_at.eq(diesel::dsl::now),
-        ))
-        .on_conflict((inbox::consumer_name, inbox::message_id))
-        .do_update()
-        .set((
-            inbox::status.eq("processed"),
-            inbox::attempts.eq(inbox::attempts + 1),
-            inbox::processed_at.eq(diesel::dsl::now),
-            inbox::error_code.eq(None::<String>),
-            inbox::error_message.eq(None::<String>),
+    use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
+    use diesel_async::{SimpleAsyncConnection, TransactionManager as _};
+    use std::task::Poll;
+
+    match TransactionManager::transaction_manager_status_mut(conn).transaction_depth()? {
+        None => {}
+        Some(_) => return Err(diesel::result::Error::AlreadyInTransaction),
+    }
+    let (begun, claimed) = {
+        let shared: &AsyncPgConnection = conn;
+        let (mut for_begin, mut for_claim) = (shared, shared);
+        let mut begin = std::pin::pin!(SimpleAsyncConnection::batch_execute(
+            &mut for_begin,
+            "BEGIN"
         ));
-    diesel::query_dsl::methods::FilterDsl::filter(upsert, inbox::status.ne("processed"))
-        .returning(inbox::attempts)
-        .get_result::<i32>(conn)
-        .await
-        .optional()
+        let first = std::future::poll_fn(|cx| Poll::Ready(begin.as_mut().poll(cx))).await;
+        let claim = Claim {
+            consumer,
+            message_id,
+        }
+        .get_result::<i32>(&mut for_claim);
+        match first {
+            Poll::Ready(begun) => (begun, claim.await),
+            Poll::Pending => futures_util::future::join(begin, claim).await,
+        }
+    };
+    let status = TransactionManager::transaction_manager_status_mut(conn);
+    if let Err(e) = begun {
+        status.set_in_error();
+        return Err(e);
+    }
+    match status {
+        TransactionManagerStatus::Valid(valid) => {
+            valid.change_transaction_depth(TransactionDepthChange::IncreaseDepth)?
+        }
+        TransactionManagerStatus::InError => {
+            return Err(diesel::result::Error::BrokenTransactionManager);
+        }
+    }
+    match claimed.optional() {
+        Ok(claimed) => Ok(claimed),
+        Err(e) => {
+            // The claim failed inside the open transaction: roll it back; if even that fails
+            // the transaction manager is left in error and the pool drops the connection.
+            let _ = TransactionManager::rollback_transaction(conn).await;
+            Err(e)
+        }
+    }
+}
+
+async fn commit(conn: &mut AsyncPgConnection) -> Result<(), diesel::result::Error> {
+    use diesel_async::TransactionManager as _;
+    TransactionManager::commit_transaction(conn).await
+}
+
+async fn rollback(conn: &mut AsyncPgConnection) -> Result<(), diesel::result::Error> {
+    use diesel_async::TransactionManager as _;
+    TransactionManager::rollback_transaction(conn).await
 }
 
 fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {

@@ -100,6 +100,123 @@ async fn second_run_of_a_message_is_a_duplicate_and_skips_the_handler() {
 }
 
 #[tokio::test]
+async fn claim_and_handler_change_stay_invisible_to_others_until_commit() {
+    let f = fixture().await;
+    let pool = f.inbox.pool().clone();
+    f.inbox
+        .run("billing", envelope("m-1"), move |conn, msg| {
+            Box::pin(async move {
+                insert_effect(conn, msg).await?;
+                // Another connection sees neither the inbox row nor the business row yet: the
+                // claim (sent together with BEGIN) is inside the handler's transaction.
+                let mut other = pool
+                    .get()
+                    .await
+                    .map_err(|e| HandlerError::retryable("pool", e.to_string()))?;
+                let seen: i64 = diesel::sql_query(
+                    "SELECT (SELECT count(*) FROM message_inbox) + (SELECT count(*) FROM effects) AS n",
+                )
+                .get_result::<Seen>(&mut other)
+                .await?
+                .n;
+                assert_eq!(seen, 0, "uncommitted claim or change visible to another connection");
+                Ok(())
+            })
+        })
+        .await
+        .expect("run");
+    assert_eq!(effect_count(&f.inbox).await, 1);
+}
+
+#[derive(diesel::QueryableByName)]
+struct Seen {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+#[tokio::test]
+async fn handler_may_nest_a_transaction_and_roll_back_only_its_part() {
+    let f = fixture().await;
+    let outcome = f
+        .inbox
+        .run("billing", envelope("m-1"), |conn, msg| {
+            Box::pin(async move {
+                use diesel_async::AsyncConnection;
+                // A savepoint inside the inbox transaction: its failure is the handler's to
+                // handle, and only its own change goes.
+                let nested = conn
+                    .transaction::<(), diesel::result::Error, _>(async |conn| {
+                        insert_effect_row(conn, "nested", 1).await?;
+                        Err(diesel::result::Error::RollbackTransaction)
+                    })
+                    .await;
+                assert!(nested.is_err());
+                insert_effect(conn, msg).await
+            })
+        })
+        .await
+        .expect("run");
+    assert_eq!(outcome, Outcome::Processed { attempts: 1 });
+    assert_eq!(
+        effect_count(&f.inbox).await,
+        1,
+        "only the outer change committed"
+    );
+    // The connection went back to the pool clean: the next run works on it.
+    f.inbox
+        .run("billing", envelope("m-2"), insert_effect)
+        .await
+        .expect("next run");
+    assert_eq!(effect_count(&f.inbox).await, 2);
+}
+
+async fn insert_effect_row(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    amount: i64,
+) -> Result<(), diesel::result::Error> {
+    diesel::insert_into(effects::table)
+        .values((effects::message_id.eq(id), effects::amount.eq(amount)))
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn claim_is_prepared_once_per_connection_and_reused() {
+    let schema = TestSchema::create().await.expect("create test schema");
+    run_migrations(schema.url(), INBOX_MIGRATIONS)
+        .await
+        .expect("migrations");
+    let pool = connect_pool(
+        schema.url(),
+        &PoolOptions {
+            max_size: 1,
+            ..PoolOptions::default()
+        },
+    );
+    let inbox = Inbox::new(pool.clone());
+    for id in ["m-1", "m-2", "m-1"] {
+        inbox
+            .run("billing", envelope(id), |_, _| Box::pin(async { Ok(()) }))
+            .await
+            .expect("run");
+    }
+    // The one connection holds the claim as a named prepared statement: later messages skip
+    // the parse, the plan and the round trip of preparing it.
+    let mut conn = pool.get().await.expect("connection");
+    let claims: i64 = diesel::sql_query(
+        "SELECT count(*) AS n FROM pg_prepared_statements \
+         WHERE statement LIKE 'INSERT INTO message_inbox%ON CONFLICT%'",
+    )
+    .get_result::<Seen>(&mut conn)
+    .await
+    .expect("prepared statements")
+    .n;
+    assert_eq!(claims, 1);
+}
+
+#[tokio::test]
 async fn same_message_id_for_two_consumers_is_processed_by_each() {
     let f = fixture().await;
     let a = f

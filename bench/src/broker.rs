@@ -1,0 +1,64 @@
+//! The broker ceiling: a plain lapin consumer that does nothing but ack, one delivery at a time.
+
+use crate::cpu;
+use anyhow::Context;
+use futures_lite::StreamExt;
+use lapin::Connection;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use std::time::{Duration, Instant};
+
+/// How the plain consumer acks.
+#[derive(Debug, Clone, Copy)]
+pub enum Acks {
+    /// Every delivery acked on its own, the ack awaited before the next delivery.
+    EachAwaited,
+    /// One ack with `multiple: true` every `n` deliveries (and for the last one).
+    Multiple(usize),
+}
+
+/// Drains `count` deliveries from `queue`; time from the first delivery to the last ack.
+pub async fn drain(
+    connection: &Connection,
+    queue: &str,
+    count: usize,
+    prefetch: u16,
+    acks: Acks,
+) -> anyhow::Result<(Duration, cpu::PerMessage)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut started = None;
+    let mut cpu_before = None;
+    for n in 1..=count {
+        let delivery = consumer.next().await.context("consumer stream ended")??;
+        if started.is_none() {
+            cpu_before = Some(cpu::snapshot("").await);
+            started = Some(Instant::now());
+        }
+        let ack = match acks {
+            Acks::EachAwaited => Some(BasicAckOptions::default()),
+            Acks::Multiple(every) if n % every.max(1) == 0 || n == count => {
+                Some(BasicAckOptions { multiple: true })
+            }
+            Acks::Multiple(_) => None,
+        };
+        if let Some(options) = ack {
+            anyhow::ensure!(delivery.acker.ack(options).await?, "ack not sent");
+        }
+    }
+    let elapsed = started.map(|s| s.elapsed()).unwrap_or_default();
+    let cpu_after = cpu::snapshot("").await;
+    let _ = channel.close(200, "drained".into()).await;
+    let cpu = cpu::per_message(&cpu_before.unwrap_or_default(), &cpu_after, count);
+    Ok((elapsed, cpu))
+}

@@ -1,0 +1,108 @@
+//! oncely in single-message mode: the `billing` consumer (`billing::create_invoice`), one
+//! inbox transaction per delivery, `concurrency` deliveries at once.
+
+use crate::cpu;
+use crate::support::{billing_schema, delete_topology, publish_to_topology, wait_until};
+use billing::ORDER_CREATED_V1;
+use lapin::Connection;
+use oncely::testing::unique_name;
+use oncely::{Consumer, Inbox, PoolOptions, Topology};
+use std::time::{Duration, Instant};
+
+/// One measured drain.
+#[derive(Debug, Clone, Copy)]
+pub struct Drained {
+    /// Messages timed (warm-up excluded).
+    pub count: usize,
+    /// Their time.
+    pub elapsed: Duration,
+    /// CPU per message.
+    pub cpu: cpu::PerMessage,
+}
+
+/// Fills a fresh queue with `warmup + count` orders, starts the billing consumer, and times the
+/// `count` deliveries after the warm-up ones settled (connections, topology declaration and the
+/// pool's first connections are then behind it). Checks one invoice per order.
+pub async fn drain(
+    connection: &Connection,
+    amqp_url: &str,
+    concurrency: usize,
+    prefetch: u16,
+    count: usize,
+) -> anyhow::Result<Drained> {
+    let name = unique_name("bench_single");
+    let topology =
+        Topology::new(format!("oncely.{name}"), format!("{name}.q")).bind(ORDER_CREATED_V1);
+    topology.declare(connection).await?;
+    let result = measure(
+        connection,
+        amqp_url,
+        &topology,
+        &name,
+        concurrency,
+        prefetch,
+        count,
+    )
+    .await;
+    delete_topology(connection, &topology).await;
+    result
+}
+
+async fn measure(
+    connection: &Connection,
+    amqp_url: &str,
+    topology: &Topology,
+    prefix: &str,
+    concurrency: usize,
+    prefetch: u16,
+    count: usize,
+) -> anyhow::Result<Drained> {
+    let warmup = (concurrency * 4).max(100);
+    let total = warmup + count;
+    publish_to_topology(connection, topology, prefix, 0..total).await?;
+
+    let schema = billing_schema().await?;
+    let pool = oncely::connect_pool(
+        schema.url(),
+        &PoolOptions {
+            max_size: (concurrency as u32).max(1) * 2,
+            ..PoolOptions::default()
+        },
+    );
+    let consumer = Consumer::builder(billing::create_invoice, Inbox::new(pool.clone()))
+        .amqp_url(amqp_url)
+        .connection_name(format!("{prefix}-consumer"))
+        .topology(topology.clone())
+        .concurrency(concurrency)
+        .prefetch(prefetch)
+        .build()
+        .spawn();
+    let limit = Duration::from_secs(600);
+    wait_until("warm-up", limit, || {
+        consumer.stats().settled() as usize >= warmup
+    })
+    .await?;
+    let cpu_before = cpu::snapshot(schema.name()).await;
+    let started = Instant::now();
+    let settled_before = consumer.stats().settled() as usize;
+    wait_until("oncely drain", limit, || {
+        consumer.stats().settled() as usize >= total
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    let cpu_after = cpu::snapshot(schema.name()).await;
+    let settled = consumer.stats().settled() as usize - settled_before;
+    consumer.shutdown().await?;
+
+    let mut conn = pool.get().await?;
+    let invoices = billing::count_invoices(&mut conn, prefix).await?;
+    anyhow::ensure!(
+        invoices as usize == total,
+        "expected {total} invoices from oncely, found {invoices}"
+    );
+    Ok(Drained {
+        count: settled,
+        elapsed,
+        cpu: cpu::per_message(&cpu_before, &cpu_after, settled),
+    })
+}
