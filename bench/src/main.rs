@@ -145,8 +145,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if args.runs("batched") {
-        eprintln!("batched: PostgreSQL ceiling with 100 messages per transaction");
-        batched(&args, &mut report).await?;
+        eprintln!(
+            "batched: PostgreSQL ceiling and oncely batched mode, 100 messages per transaction"
+        );
+        batched(&args, &connection, &mut report).await?;
     }
     if args.runs("relay") {
         eprintln!("outbox relay against raw pipelined confirmed publish");
@@ -313,6 +315,7 @@ async fn single_mode(
                 concurrency,
                 args.prefetch,
                 count,
+                None,
             )
             .await?;
             oncely.add(drained.count, drained.elapsed, drained.cpu);
@@ -390,7 +393,11 @@ fn cpu_json(cpu: &cpu::PerMessage) -> serde_json::Value {
     })
 }
 
-async fn batched(args: &Args, report: &mut Report) -> anyhow::Result<()> {
+async fn batched(
+    args: &Args,
+    connection: &lapin::Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     const PER_TRANSACTION: usize = 100;
     for &clients in &args.batch_clients {
         let schema = support::billing_schema().await?;
@@ -422,21 +429,40 @@ async fn batched(args: &Args, report: &mut Report) -> anyhow::Result<()> {
             .note("multi-row claim and insert (unnest)"),
         );
     }
-    // Batched consumer mode is not built yet. When it is: drain with the batched builder option
-    // (as `single::drain` does) and push a measured row in place of this one, same key.
+    // oncely in batched mode: the billing consumer, PER_TRANSACTION deliveries per transaction,
+    // `clients` batches at once, against the batched ceiling with as many clients.
     for &clients in &args.batch_clients {
+        let drained = single::drain(
+            connection,
+            &args.amqp_url,
+            clients,
+            args.prefetch,
+            args.batch_count,
+            Some(PER_TRANSACTION),
+        )
+        .await?;
+        let value = rate(drained.count, drained.elapsed);
+        let versus_single = report
+            .value("oncely_single_c16")
+            .map(|single| format!("; {:.1}x single mode at concurrency 16", value / single))
+            .unwrap_or_default();
         report.push(
-            Row::missing(
+            Row::new(
                 format!("oncely_batched_c{clients}"),
                 "oncely",
                 format!(
-                    "batched mode, {clients} consumer{}",
-                    if clients == 1 { "" } else { "s" }
+                    "batched mode, {PER_TRANSACTION} per transaction, {clients} batch{} at once",
+                    if clients == 1 { "" } else { "es" }
                 ),
+                value,
                 "msgs/s",
-                "n/a (batched mode not built)",
             )
-            .against(format!("pg_batch{PER_TRANSACTION}_c{clients}")),
+            .against(format!("pg_batch{PER_TRANSACTION}_c{clients}"))
+            .also_against("broker_ack_multiple")
+            .note(format!(
+                "billing::create_invoice, one claim statement and a savepoint per message; {}{versus_single}",
+                drained.cpu.describe()
+            )),
         );
     }
     Ok(())

@@ -45,21 +45,6 @@ impl Row {
         }
     }
 
-    /// A row with no figure, and why.
-    pub fn missing(
-        key: impl Into<String>,
-        section: &'static str,
-        label: impl Into<String>,
-        unit: &'static str,
-        why: impl Into<String>,
-    ) -> Self {
-        Row {
-            value: None,
-            note: why.into(),
-            ..Row::new(key, section, label, 0.0, unit)
-        }
-    }
-
     /// Compared to the row with key `ceiling`.
     pub fn against(mut self, ceiling: impl Into<String>) -> Self {
         self.ceiling = Some(ceiling.into());
@@ -107,6 +92,11 @@ impl Report {
     /// Extra structured data for the JSON summary (samples, settings).
     pub fn set(&mut self, key: &str, value: Value) {
         self.extra.insert(key.to_owned(), value);
+    }
+
+    /// The value of the row with key `key`, if measured.
+    pub fn value(&self, key: &str) -> Option<f64> {
+        self.find(key)?.value
     }
 
     fn find(&self, key: &str) -> Option<&Row> {
@@ -236,10 +226,9 @@ mod tests {
         let mut report = Report::default();
         report.push(Row::new("pg", "s", "ceiling", 1000.0, "msgs/s"));
         report.push(Row::new("x", "s", "oncely", 900.0, "msgs/s").against("pg"));
-        report.push(Row::missing("y", "s", "batched", "msgs/s", "not built").against("pg"));
         let json = report.json();
         assert_eq!(json["results"][1]["ratio"], json!(0.9));
-        assert_eq!(json["results"][2]["value"], Value::Null);
+        assert_eq!(report.value("x"), Some(900.0));
         assert!(report.table().contains("| 1,000 msgs/s (ceiling) | 0.90 |"));
     }
 

@@ -1,5 +1,6 @@
-//! oncely in single-message mode: the `billing` consumer (`billing::create_invoice`), one
-//! inbox transaction per delivery, `concurrency` deliveries at once.
+//! oncely's `billing` consumer (`billing::create_invoice`): single-message mode (one inbox
+//! transaction per delivery, `concurrency` deliveries at once) or batched mode (`batch`
+//! deliveries per transaction, `concurrency` batches at once).
 
 use crate::cpu;
 use crate::support::{billing_schema, delete_topology, publish_to_topology, wait_until};
@@ -29,6 +30,7 @@ pub async fn drain(
     concurrency: usize,
     prefetch: u16,
     count: usize,
+    batch: Option<usize>,
 ) -> anyhow::Result<Drained> {
     let name = unique_name("bench_single");
     let topology =
@@ -42,12 +44,14 @@ pub async fn drain(
         concurrency,
         prefetch,
         count,
+        batch,
     )
     .await;
     delete_topology(connection, &topology).await;
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     connection: &Connection,
     amqp_url: &str,
@@ -56,6 +60,7 @@ async fn measure(
     concurrency: usize,
     prefetch: u16,
     count: usize,
+    batch: Option<usize>,
 ) -> anyhow::Result<Drained> {
     let warmup = (concurrency * 4).max(100);
     let total = warmup + count;
@@ -69,14 +74,20 @@ async fn measure(
             ..PoolOptions::default()
         },
     );
-    let consumer = Consumer::builder(billing::create_invoice, Inbox::new(pool.clone()))
+    let mut builder = Consumer::builder(billing::create_invoice, Inbox::new(pool.clone()))
         .amqp_url(amqp_url)
         .connection_name(format!("{prefix}-consumer"))
         .topology(topology.clone())
         .concurrency(concurrency)
-        .prefetch(prefetch)
-        .build()
-        .spawn();
+        .prefetch(prefetch);
+    if let Some(size) = batch {
+        // Room for every batch to fill.
+        let prefetch = prefetch.max((size * concurrency).min(u16::MAX as usize) as u16);
+        builder = builder
+            .batch(size, Duration::from_millis(20))
+            .prefetch(prefetch);
+    }
+    let consumer = builder.build().spawn();
     let limit = Duration::from_secs(600);
     wait_until("warm-up", limit, || {
         consumer.stats().settled() as usize >= warmup

@@ -2,9 +2,9 @@
 //! and the benchmark.
 
 use crate::{OrderCreated, order_properties, publish_order};
+use oncely::ConfirmPublisher;
 use oncely::lapin::BasicProperties;
 use oncely::lapin::types::{AMQPValue, FieldTable};
-use oncely::ConfirmPublisher;
 use rand::{Rng, SeedableRng};
 
 /// The kinds of bad input a producer can send.
