@@ -199,6 +199,12 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             topology.declare(&connection).await?;
         }
     }
+    // DLQs kept from earlier runs: this run's poison comes on top.
+    let dlq_before = broker
+        .queue_state(&names)
+        .await
+        .map(|q| q.per_queue)
+        .unwrap_or_default();
     let publisher = Arc::new(Publisher::new(
         &amqp_url,
         format!("{connection_prefix}publisher"),
@@ -459,7 +465,11 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         }
 
         let elapsed = started.elapsed().as_secs_f64();
-        let dlq = queues.as_ref().map(|q| q.dlq).unwrap_or(0);
+        // This run's dead letters, on top of what the DLQs held before it.
+        let dlq = queues
+            .as_ref()
+            .map(|q| q.dlq.saturating_sub(dlq_before.iter().sum::<u32>()))
+            .unwrap_or(0);
         if last_csv.elapsed() >= Duration::from_secs(1) {
             last_csv = Instant::now();
             writeln!(
@@ -508,7 +518,10 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             && st.audit == n
             && fc.pending_operations == 0
             && queues.as_ref().is_some_and(|q| {
-                q.waiting == 0 && q.per_queue.iter().all(|d| *d >= cli.poison as u32)
+                q.waiting == 0
+                    && q.per_queue.iter().enumerate().all(|(i, d)| {
+                        *d >= dlq_before.get(i).copied().unwrap_or(0) + cli.poison as u32
+                    })
             });
         // Settled for two seconds in a row: late duplicates would have shown by then.
         match (settled, settled_since) {
@@ -565,7 +578,10 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     r.figure("audit rows", st.audit);
     r.figure("duplicates detected", sum(|s| s.duplicates));
     r.figure("retries", sum(|s| s.retried));
-    r.figure("dead letters", queues.dlq);
+    r.figure(
+        "dead letters",
+        queues.dlq.saturating_sub(dlq_before.iter().sum::<u32>()),
+    );
     r.figure("requeued (infrastructure)", sum(|s| s.requeued));
     r.figure("reconnects", sum(|s| s.reconnects));
     r.figure(
@@ -609,12 +625,19 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     r.check("audit rows (one per event)", n, st.audit);
     // A consumer killed between its DLQ copy's confirm and its ack dead-letters the redelivery
     // again: a second copy of the same message, never a lost one. Count distinct messages.
+    // Only this run's messages count: a DLQ kept from earlier runs holds theirs too.
     for topology in names.all() {
-        let (copies, distinct) = broker
-            .distinct_messages(&topology.dlq())
+        let (copies, distinct, others) = broker
+            .distinct_messages(&topology.dlq(), &prefix)
             .await
-            .unwrap_or((u32::MAX, u32::MAX));
+            .unwrap_or((u32::MAX, u32::MAX, 0));
         r.figure(&format!("{} copies", topology.dlq()), copies);
+        if others > 0 {
+            r.figure(
+                &format!("{} messages of earlier runs", topology.dlq()),
+                others,
+            );
+        }
         r.check(
             &format!("{} distinct (poison only)", topology.dlq()),
             cli.poison as i64,
@@ -969,29 +992,36 @@ impl Broker {
         Some(state)
     }
 
-    /// (messages, distinct messages) in `queue`, by message id or, without one, by body. The
+    /// (messages, distinct messages) of this run in `queue` (message id, or without one the
+    /// body, naming the run's `prefix`), and how many messages of other runs it holds. The
     /// messages are read without being acked and go back to the queue when the channel closes.
-    async fn distinct_messages(&self, queue: &str) -> Option<(u32, u32)> {
+    async fn distinct_messages(&self, queue: &str, prefix: &str) -> Option<(u32, u32, u32)> {
         use oncely::lapin::options::BasicGetOptions;
         let connection = self.connection().await.ok()?;
         let channel = connection.create_channel().await.ok()?;
         let mut keys = std::collections::HashSet::new();
-        let mut copies = 0u32;
+        let (mut copies, mut others) = (0u32, 0u32);
         while let Ok(Ok(Some(m))) = tokio::time::timeout(
             Duration::from_secs(5),
             channel.basic_get(queue.into(), BasicGetOptions::default()),
         )
         .await
         {
-            copies += 1;
             let d = m.delivery;
-            keys.insert(match d.properties.message_id() {
-                Some(id) => format!("id:{id}"),
-                None => format!("body:{}", String::from_utf8_lossy(&d.data)),
-            });
+            let body = String::from_utf8_lossy(&d.data);
+            let key = match d.properties.message_id() {
+                Some(id) if id.as_str().contains(prefix) => format!("id:{id}"),
+                None if body.contains(prefix) => format!("body:{body}"),
+                _ => {
+                    others += 1;
+                    continue;
+                }
+            };
+            copies += 1;
+            keys.insert(key);
         }
         oncely::close_channel(&channel, 200, "read").await;
-        Some((copies, keys.len() as u32))
+        Some((copies, keys.len() as u32, others))
     }
 
     async fn cleanup(&self, names: &Names) {
