@@ -80,8 +80,8 @@ async fn a_small_drill_under_faults_loses_nothing_and_doubles_nothing() {
             .and_then(|p| p[1].as_i64())
             .unwrap_or(-1)
     };
-    assert!(figure("SIGKILLs") >= 1, "{report}");
-    assert_eq!(figure("broker connection cuts"), 1, "{report}");
+    assert!(figure("SIGKILL") >= 1, "{report}");
+    assert_eq!(figure("broker connections closed"), 1, "{report}");
     assert!(figure("duplicates detected") > 0, "{report}");
 
     // The tables themselves, read apart from the drill.
