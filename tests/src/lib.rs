@@ -384,7 +384,7 @@ impl Drop for Harness {
         let mut queues = vec![t.queue().to_owned(), t.dlq(), t.parking()];
         queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
         oncely::testing::block_on_thread(async move {
-            let Ok(conn) = Connection::connect(&url, Default::default()).await else {
+            let Ok(conn) = oncely::open_connection(&url, Default::default()).await else {
                 return;
             };
             if let Ok(channel) = conn.create_channel().await {

@@ -42,7 +42,7 @@ pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connecti
     loop {
         attempt += 1;
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        match Connection::connect(url, properties).await {
+        match crate::transport::open_connection(url, properties).await {
             Ok(connection) => return Ok(connection),
             Err(source) => {
                 if backoff.max_attempts.is_some_and(|max| attempt >= max) {

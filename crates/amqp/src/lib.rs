@@ -1,6 +1,8 @@
 //! The RabbitMQ side of oncely, on lapin 4.
 //!
-//! - [`connect`]: a connection with retry and exponential backoff.
+//! - [`connect`]: a connection with retry and exponential backoff, over a transport that turns
+//!   short strings that are not UTF-8 into dead letters instead of connection failures
+//!   ([`open_connection`]).
 //! - [`Topology`]: a consumer queue `Q` bound to an exchange, its delay queues `Q.retry.<tier>`,
 //!   `Q.dlq` and `Q.parking`, declared idempotently.
 //! - [`ConfirmPublisher`]: persistent, mandatory publishes that wait for the broker's confirm.
@@ -23,6 +25,7 @@ mod publisher;
 mod stats;
 mod telemetry;
 mod topology;
+mod transport;
 
 pub use cause::{caused_by, current_cause, with_cause};
 pub use connection::{Backoff, close_channel, close_connection, connect};
@@ -35,6 +38,10 @@ pub use properties::{raw_metadata, read_attempt};
 pub use publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub use topology::{QueueType, Topology};
+pub use transport::{
+    GuardedKit, GuardedStream, HEADERS_DROPPED_HEADER, INVALID_UTF8_HEADER,
+    UNREADABLE_HEADERS_HEADER, open_connection,
+};
 
 /// The lapin version oncely is built on, re-exported so users name the same types.
 pub use lapin;

@@ -17,7 +17,7 @@ pub use diesel_async::AsyncPgConnection;
 pub use oncely_amqp::{
     AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, FaultInjection,
     OutgoingMessage, Processed, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology,
-    caused_by, close_channel, close_connection, connect, current_cause,
+    caused_by, close_channel, close_connection, connect, current_cause, open_connection,
 };
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
