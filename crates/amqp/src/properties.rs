@@ -1,5 +1,6 @@
 //! From AMQP properties and headers to the contract's [`RawMetadata`], and back for copies.
 
+use crate::transport::{INVALID_UTF8_HEADER, UNREADABLE_HEADERS_HEADER};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, LongString};
 use oncely_core::{HeaderValue, RawMetadata, Reason, headers};
@@ -44,6 +45,30 @@ pub fn raw_metadata(
         headers,
         redelivered,
         body_len,
+        invalid_utf8: invalid_utf8_fields(properties),
+        unreadable_headers: properties
+            .headers()
+            .as_ref()
+            .is_some_and(|t| t.inner().contains_key(UNREADABLE_HEADERS_HEADER)),
+    }
+}
+
+/// The fields the transport found not to be UTF-8 (see [`crate::open_connection`]): the names
+/// in its marker table. A marker of another shape (set by a producer) still counts, as
+/// `x-oncely-invalid-utf8`, so that it cannot slip past the contract.
+fn invalid_utf8_fields(properties: &BasicProperties) -> Vec<String> {
+    match properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(INVALID_UTF8_HEADER))
+    {
+        None => Vec::new(),
+        Some(AMQPValue::FieldTable(marks)) if !marks.inner().is_empty() => marks
+            .inner()
+            .keys()
+            .map(|name| name.as_str().to_owned())
+            .collect(),
+        Some(_) => vec![INVALID_UTF8_HEADER.to_owned()],
     }
 }
 
@@ -185,6 +210,28 @@ mod tests {
             "idempotency_key".into(),
             HeaderValue::Other("non-UTF-8 string")
         )));
+    }
+
+    #[test]
+    fn transport_markers_become_contract_fields() {
+        let mut marks = FieldTable::default();
+        marks.insert("message_id".into(), AMQPValue::ByteArray(vec![0xff].into()));
+        marks.insert("headers.k?".into(), AMQPValue::Void);
+        let p = props_with(vec![
+            (INVALID_UTF8_HEADER, AMQPValue::FieldTable(marks)),
+            (UNREADABLE_HEADERS_HEADER, AMQPValue::Void),
+        ]);
+        let raw = raw_metadata(&p, false, 0);
+        assert_eq!(raw.invalid_utf8, vec!["headers.k?", "message_id"]);
+        assert!(raw.unreadable_headers);
+
+        let p = props_with(vec![(INVALID_UTF8_HEADER, AMQPValue::Boolean(true))]);
+        assert_eq!(
+            raw_metadata(&p, false, 0).invalid_utf8,
+            vec![INVALID_UTF8_HEADER]
+        );
+        let clean = raw_metadata(&props_with(vec![]), false, 0);
+        assert!(clean.invalid_utf8.is_empty() && !clean.unreadable_headers);
     }
 
     #[test]

@@ -75,6 +75,13 @@ pub struct RawMetadata {
     pub redelivered: bool,
     /// Size of the body in bytes.
     pub body_len: usize,
+    /// Fields whose bytes were not UTF-8 as the producer sent them (`message_id`, `type`,
+    /// `routing_key`, `headers.<name>`, ...). The transport replaced them with placeholders so
+    /// that the message could be read at all; such a message breaks the contract.
+    pub invalid_utf8: Vec<String>,
+    /// Whether the headers table could not be read (unknown value type, bad length, nesting
+    /// too deep); the transport kept its bytes aside.
+    pub unreadable_headers: bool,
 }
 
 /// Bounds the contract enforces; the defaults suit most deployments.
@@ -138,6 +145,17 @@ pub enum ContractViolation {
         /// The limit.
         max: usize,
     },
+    /// Properties, header names, the exchange or the routing key were not UTF-8 as sent.
+    #[error("not valid UTF-8 as sent: {}", fields.join(", "))]
+    InvalidUtf8 {
+        /// The fields, by name (`message_id`, `type`, `headers.<name>`, ...).
+        fields: Vec<String>,
+    },
+    /// The headers table could not be read at all.
+    #[error(
+        "the headers table cannot be read (unknown value type, bad length or nesting too deep)"
+    )]
+    UnreadableHeaders,
     /// The body is not valid JSON for the expected type.
     #[error("body does not decode into {type_name}: {error}")]
     UndecodableBody {
@@ -159,6 +177,8 @@ impl ContractViolation {
             ContractViolation::InvalidHeader { .. } => "contract.invalid_header",
             ContractViolation::BodyTooLarge { .. } => "contract.body_too_large",
             ContractViolation::UndecodableBody { .. } => "contract.undecodable_body",
+            ContractViolation::InvalidUtf8 { .. } => "contract.invalid_utf8",
+            ContractViolation::UnreadableHeaders => "contract.unreadable_headers",
         }
     }
 }
@@ -200,6 +220,16 @@ impl Metadata {
         raw: RawMetadata,
         limits: &ContractLimits,
     ) -> Result<Metadata, ContractViolation> {
+        // First: every other field may be a placeholder standing for bytes that were not text,
+        // the message id included, which must never become a deduplication key.
+        if !raw.invalid_utf8.is_empty() {
+            return Err(ContractViolation::InvalidUtf8 {
+                fields: raw.invalid_utf8,
+            });
+        }
+        if raw.unreadable_headers {
+            return Err(ContractViolation::UnreadableHeaders);
+        }
         let message_id = match raw.message_id {
             None => return Err(ContractViolation::MissingMessageId),
             Some(id) if id.trim().is_empty() => return Err(ContractViolation::BlankMessageId),
@@ -465,6 +495,27 @@ mod tests {
         assert_eq!(m.caused_correlation_id(), "m-1");
         m.correlation_id = Some("c-1".into());
         assert_eq!(m.caused_correlation_id(), "c-1");
+    }
+
+    #[test]
+    fn fields_that_were_not_utf8_are_a_violation_before_anything_else() {
+        let mut r = raw("m-?");
+        r.invalid_utf8 = vec!["message_id".into(), "headers.k?".into()];
+        r.unreadable_headers = true;
+        let err = check(r).expect_err("violation");
+        assert_eq!(err.code(), "contract.invalid_utf8");
+        assert_eq!(
+            err.to_string(),
+            "not valid UTF-8 as sent: message_id, headers.k?"
+        );
+        let r = RawMetadata {
+            unreadable_headers: true,
+            ..RawMetadata::default()
+        };
+        assert_eq!(
+            check(r).expect_err("violation").code(),
+            "contract.unreadable_headers"
+        );
     }
 
     #[test]
