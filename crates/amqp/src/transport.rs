@@ -8,7 +8,7 @@
 //! lives in the transport instead: lapin's [`Connection::connector`] takes the function that opens
 //! the socket, and ours wraps it (above TLS) in a [`frames::FrameRewriter`] that gives every
 //! non-UTF-8 short string a same-length placeholder and keeps the original bytes in the
-//! [`INVALID_UTF8_HEADER`] header, which the contract check turns into a dead letter. See
+//! `x-oncely-invalid-utf8` header ([`oncely_core::headers::INVALID_UTF8`]), which the contract check turns into a dead letter. See
 //! docs/decisions.md.
 //!
 //! lapin ties the socket type to the runtime (`AsyncTcpStream<<RK as Reactor>::TcpStream>`),
@@ -18,7 +18,7 @@
 mod frames;
 mod stream;
 
-pub use frames::{HEADERS_DROPPED_HEADER, INVALID_UTF8_HEADER, UNREADABLE_HEADERS_HEADER};
+pub(crate) use frames::{INVALID_UTF8_HEADER, UNREADABLE_HEADERS_HEADER};
 pub use stream::GuardedStream;
 
 use async_rs::traits::{Executor, Reactor, RuntimeKit};

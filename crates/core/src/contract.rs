@@ -28,6 +28,17 @@ pub mod headers {
     /// W3C trace context (`00-<trace id>-<parent id>-<flags>`), carried so that the spans of one
     /// message join across services.
     pub const TRACEPARENT: &str = "traceparent";
+    /// Added by oncely's transport to a message whose short strings (properties, header names,
+    /// exchange, routing key) were not UTF-8: a table from field name (`message_id`,
+    /// `headers.<name>`, ...) to the original bytes, which the placeholders in the message
+    /// replaced.
+    pub const INVALID_UTF8: &str = "x-oncely-invalid-utf8";
+    /// Added by oncely's transport in place of a headers table that could not be read: the
+    /// original table's bytes.
+    pub const UNREADABLE_HEADERS: &str = "x-oncely-unreadable-headers";
+    /// Added by oncely's transport when the frame had no room left for the original headers
+    /// next to its markers, so they were dropped.
+    pub const HEADERS_DROPPED: &str = "x-oncely-headers-dropped";
 }
 
 /// A header value as the transport saw it, reduced to what the contract needs.

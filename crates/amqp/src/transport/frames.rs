@@ -14,18 +14,13 @@
 
 use std::collections::HashMap;
 
-/// Header (a field table: field name -> original bytes) added to a message whose properties,
-/// header names, exchange or routing key were not UTF-8.
-pub const INVALID_UTF8_HEADER: &str = "x-oncely-invalid-utf8";
-
-/// Header (the original table as a byte array) replacing a headers table that cannot be read at
-/// all (an unknown value type, a length that runs past its end, nesting deeper than
-/// [`MAX_TABLE_DEPTH`]).
-pub const UNREADABLE_HEADERS_HEADER: &str = "x-oncely-unreadable-headers";
-
-/// Set when the frame had no room for the original headers next to the markers, so they were
-/// dropped (only with a frame size limit near the protocol's minimum).
-pub const HEADERS_DROPPED_HEADER: &str = "x-oncely-headers-dropped";
+/// Set when the frame had no room for the original headers next to the markers.
+pub use oncely_core::headers::HEADERS_DROPPED as HEADERS_DROPPED_HEADER;
+/// Added to a message whose properties, header names, exchange or routing key were not UTF-8.
+pub use oncely_core::headers::INVALID_UTF8 as INVALID_UTF8_HEADER;
+/// Replaces a headers table that cannot be read at all (an unknown value type, a length that
+/// runs past its end, nesting deeper than [`MAX_TABLE_DEPTH`]).
+pub use oncely_core::headers::UNREADABLE_HEADERS as UNREADABLE_HEADERS_HEADER;
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
