@@ -19,6 +19,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod raw_amqp;
+
 /// `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
@@ -217,6 +219,28 @@ impl Harness {
             })
             .await
             .expect("publish");
+    }
+
+    /// Publishes to the test exchange with `routing_key` through the hand-written client, for
+    /// properties and headers lapin cannot send (bytes that are not UTF-8, odd value types).
+    pub async fn publish_hostile(
+        &self,
+        routing_key: &[u8],
+        properties: &raw_amqp::RawProperties,
+        body: &[u8],
+    ) {
+        let mut raw = raw_amqp::RawPublisher::connect(&amqp_url())
+            .await
+            .expect("raw AMQP connection");
+        raw.publish(
+            self.topology.exchange().as_bytes(),
+            routing_key,
+            properties,
+            body,
+        )
+        .await
+        .expect("raw publish confirmed");
+        raw.close().await.expect("raw close");
     }
 
     /// Invoices in this test's schema.

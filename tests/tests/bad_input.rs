@@ -1,8 +1,10 @@
 //! Anything a producer can send ends in `Q.dlq` with a reason, once, and never stops the consumer.
 
-use billing::{PoisonKind, create_invoice, order, publish_poison};
+use billing::{ORDER_CREATED_V1, PoisonKind, create_invoice, order, publish_poison};
 use oncely::lapin::BasicProperties;
-use oncely_e2e::Harness;
+use oncely::lapin::types::AMQPValue;
+use oncely_e2e::raw_amqp::{RawProperties, RawTable, RawValue};
+use oncely_e2e::{Harness, Received};
 use std::collections::BTreeMap;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,4 +183,251 @@ async fn dead_letter_publish_failure_requeues_and_nothing_is_lost() {
         .await;
     running.stop().await.expect("stop");
     assert_eq!(h.queue_len(h.topology.queue()).await, 0);
+}
+
+/// The original bytes the transport kept for `field` of a dead letter.
+fn kept_original(dead: &Received, field: &str) -> Option<Vec<u8>> {
+    let headers = dead.properties.headers().as_ref()?;
+    match headers.inner().get(oncely::headers::INVALID_UTF8)? {
+        AMQPValue::FieldTable(marks) => match marks.inner().get(field)? {
+            AMQPValue::ByteArray(bytes) => Some(bytes.as_slice().to_vec()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The body of a good order, so that the only thing wrong with a hostile message is what the
+/// test puts in its properties.
+fn order_body(h: &Harness, n: usize) -> Vec<u8> {
+    serde_json::to_vec(&order(&h.name, n)).expect("order json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_strings_that_are_not_utf8_go_to_dlq_and_the_queue_flows_on() {
+    let h = Harness::new(&[]).await;
+    let running = h.start(h.consumer(create_invoice).build());
+    h.wait_for_consumer().await;
+
+    let bad_id = b"ord-\xff\xfe-1".to_vec();
+    let bad_type = b"order.created.\xc3(".to_vec();
+    let bad_header = b"tenant\xff".to_vec();
+    let hostile = [
+        ("message_id", RawProperties::json(bad_id.clone())),
+        (
+            "type",
+            RawProperties {
+                kind: Some(bad_type.clone()),
+                ..RawProperties::json(format!("{}-type", h.name))
+            },
+        ),
+        (
+            "headers.tenant?",
+            RawProperties {
+                headers: Some(
+                    RawTable::default()
+                        .with(bad_header.clone(), RawValue::LongString(b"t-1".to_vec())),
+                ),
+                ..RawProperties::json(format!("{}-header", h.name))
+            },
+        ),
+    ];
+    for (i, (_, properties)) in hostile.iter().enumerate() {
+        h.publish_hostile(
+            ORDER_CREATED_V1.as_bytes(),
+            properties,
+            &order_body(&h, 100 + i),
+        )
+        .await;
+        // A good order behind each hostile one: it must not be stuck behind it.
+        h.publish_order(&order(&h.name, i)).await;
+    }
+
+    let dead = h.expect_in_queue(&h.topology.dlq(), 3).await;
+    for d in &dead {
+        assert_eq!(
+            d.header("x-oncely-error-code").as_deref(),
+            Some("contract.invalid_utf8")
+        );
+    }
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| d.header("x-oncely-reason").unwrap_or_default())
+        .collect();
+    for (field, _) in &hostile {
+        assert!(
+            reasons.iter().any(|r| r.contains(field)),
+            "a reason names {field}: {reasons:?}"
+        );
+    }
+    // The DLQ copy keeps the bytes the producer sent.
+    let by_field = |field: &str| {
+        dead.iter()
+            .find_map(|d| kept_original(d, field))
+            .unwrap_or_else(|| panic!("original of {field} kept"))
+    };
+    assert_eq!(by_field("message_id"), bad_id);
+    assert_eq!(by_field("type"), bad_type);
+    assert_eq!(by_field("headers.tenant?"), bad_header);
+
+    wait_for_invoices(&h, 3).await;
+    let stats = running.stats();
+    assert_eq!(stats.reconnects, 0, "the connection never failed");
+    assert_eq!((stats.dead_lettered, stats.processed), (3, 3));
+    running.stop().await.expect("stop");
+    assert_eq!(h.queue_len(h.topology.queue()).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_key_that_is_not_utf8_goes_to_dlq_without_breaking_the_connection() {
+    let h = Harness::new(&[]).await;
+    let bad_key = b"order.\xff".to_vec();
+    // RabbitMQ checks UTF-8 in queue.bind but not in basic.publish: a fanout exchange routes
+    // the message whatever its key.
+    let fanout = format!("{}.fanout", h.topology.exchange());
+    let channel = h.connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            fanout.as_str().into(),
+            oncely::lapin::ExchangeKind::Fanout,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("declare fanout");
+    channel
+        .queue_bind(
+            h.topology.queue().into(),
+            fanout.as_str().into(),
+            "".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bind");
+    let running = h.start(h.consumer(create_invoice).build());
+    h.wait_for_consumer().await;
+    let mut raw = oncely_e2e::raw_amqp::RawPublisher::connect(&oncely_e2e::amqp_url())
+        .await
+        .expect("raw connection");
+    raw.publish(
+        fanout.as_bytes(),
+        &bad_key,
+        &RawProperties::json(format!("{}-rk", h.name)),
+        &order_body(&h, 100),
+    )
+    .await
+    .expect("publish with a non-UTF-8 routing key");
+    raw.close().await.expect("close");
+    h.publish_order(&order(&h.name, 1)).await;
+
+    let dead = h.expect_in_queue(&h.topology.dlq(), 1).await;
+    assert_eq!(
+        dead[0].header("x-oncely-error-code").as_deref(),
+        Some("contract.invalid_utf8")
+    );
+    assert_eq!(kept_original(&dead[0], "routing_key"), Some(bad_key));
+    wait_for_invoices(&h, 1).await;
+    assert_eq!(running.stats().reconnects, 0);
+    running.stop().await.expect("stop");
+    let _ = channel
+        .exchange_delete(fanout.as_str().into(), Default::default())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_header_types_are_ignored_or_dead_lettered_never_a_connection_failure() {
+    let h = Harness::new(&[]).await;
+    let running = h.start(h.consumer(create_invoice).build());
+    h.wait_for_consumer().await;
+
+    let nested = RawTable::default()
+        .with(
+            "inner",
+            RawValue::Table(RawTable::default().with("deep", RawValue::Void)),
+        )
+        .with("bytes", RawValue::Bytes(vec![0, 0xff, 0xfe]));
+    let odd = RawTable::default()
+        .with("decimal", RawValue::Decimal(2, 12_345))
+        .with("timestamp", RawValue::Timestamp(1_700_000_000))
+        .with("table", RawValue::Table(nested.clone()))
+        .with("bytes", RawValue::Bytes(vec![0xff; 16]))
+        .with("void", RawValue::Void)
+        .with(
+            "array",
+            RawValue::Array(vec![
+                RawValue::I64(1),
+                RawValue::Table(nested),
+                RawValue::Array(vec![RawValue::Void, RawValue::Bool(true)]),
+                RawValue::Decimal(0, 1),
+            ]),
+        )
+        .with("float", RawValue::F64(1.5))
+        .with("short", RawValue::I16(-7))
+        .with("text", RawValue::LongString(vec![0xff, 0x00, 0xfe]))
+        .with(
+            "idempotency_key",
+            RawValue::LongString(b"order-odd".to_vec()),
+        );
+    // Odd types in headers the contract does not read: the message is handled.
+    h.publish_hostile(
+        ORDER_CREATED_V1.as_bytes(),
+        &RawProperties {
+            headers: Some(odd.clone()),
+            ..RawProperties::json(format!("{}-odd", h.name))
+        },
+        &order_body(&h, 0),
+    )
+    .await;
+    // Odd types in the contract's own headers: dead-lettered with a reason.
+    for (i, value) in [
+        RawValue::Decimal(2, 1),
+        RawValue::Timestamp(1),
+        RawValue::Table(RawTable::default()),
+        RawValue::Bytes(b"t-1".to_vec()),
+        RawValue::Void,
+        RawValue::Array(vec![]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        h.publish_hostile(
+            ORDER_CREATED_V1.as_bytes(),
+            &RawProperties {
+                headers: Some(odd.clone().with("tenant_id", value)),
+                ..RawProperties::json(format!("{}-tenant-{i}", h.name))
+            },
+            &order_body(&h, 10 + i),
+        )
+        .await;
+    }
+    h.publish_order(&order(&h.name, 1)).await;
+
+    let dead = h.expect_in_queue(&h.topology.dlq(), 6).await;
+    for d in &dead {
+        assert_eq!(
+            d.header("x-oncely-error-code").as_deref(),
+            Some("contract.invalid_header")
+        );
+        assert!(
+            d.header("x-oncely-reason")
+                .is_some_and(|r| r.contains("tenant_id")),
+            "the reason names the header"
+        );
+    }
+    wait_for_invoices(&h, 2).await;
+    let stats = running.stats();
+    assert_eq!(stats.reconnects, 0, "the connection never failed");
+    assert_eq!((stats.processed, stats.dead_lettered), (2, 6));
+    running.stop().await.expect("stop");
+}
+
+async fn wait_for_invoices(h: &Harness, count: i64) {
+    oncely_e2e::wait_until(
+        &format!("{count} invoices"),
+        std::time::Duration::from_secs(20),
+        || async { h.invoices().await >= count },
+    )
+    .await;
+    assert_eq!(h.invoices().await, count, "each good order invoiced once");
 }
