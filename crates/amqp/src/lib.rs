@@ -38,7 +38,7 @@ pub use properties::{raw_metadata, read_attempt};
 pub use publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub use topology::{QueueType, Topology};
-pub use transport::{GuardedKit, GuardedStream, open_connection};
+pub use transport::open_connection;
 
 /// The lapin version oncely is built on, re-exported so users name the same types.
 pub use lapin;
