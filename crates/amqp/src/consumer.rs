@@ -17,7 +17,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use oncely_core::health::{Kind, Registry};
 use oncely_core::metric_names as names;
-use oncely_core::{ContractLimits, Decision, Metadata, Reason, tier_label};
+use oncely_core::{ContractLimits, Decision, Metadata, Reason, RedactedUrl, tier_label};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -88,8 +88,8 @@ impl std::fmt::Debug for FaultInjection {
     }
 }
 
-/// Settings of a consumer runtime.
-#[derive(Debug, Clone)]
+/// Settings of a consumer runtime. `Debug` shows the URL without its password.
+#[derive(Clone)]
 pub struct ConsumerOptions {
     /// Consumer name, for logs.
     pub consumer_name: String,
@@ -125,6 +125,46 @@ pub struct ConsumerOptions {
     pub batch: Option<BatchOptions>,
     /// Test hook; `None` in production.
     pub fault_injection: Option<FaultInjection>,
+}
+
+impl std::fmt::Debug for ConsumerOptions {
+    // By hand: options end up in logs and panics, and the URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ConsumerOptions {
+            consumer_name,
+            connection_name,
+            amqp_url,
+            topology,
+            declare_topology,
+            prefetch,
+            concurrency,
+            limits,
+            confirm_timeout,
+            reconnect,
+            requeue_delay,
+            shutdown_timeout,
+            retry_in_place,
+            batch,
+            fault_injection,
+        } = self;
+        f.debug_struct("ConsumerOptions")
+            .field("consumer_name", consumer_name)
+            .field("connection_name", connection_name)
+            .field("amqp_url", &RedactedUrl(amqp_url))
+            .field("topology", topology)
+            .field("declare_topology", declare_topology)
+            .field("prefetch", prefetch)
+            .field("concurrency", concurrency)
+            .field("limits", limits)
+            .field("confirm_timeout", confirm_timeout)
+            .field("reconnect", reconnect)
+            .field("requeue_delay", requeue_delay)
+            .field("shutdown_timeout", shutdown_timeout)
+            .field("retry_in_place", retry_in_place)
+            .field("batch", batch)
+            .field("fault_injection", fault_injection)
+            .finish()
+    }
 }
 
 impl ConsumerOptions {
@@ -845,5 +885,29 @@ async fn requeue(shared: &Shared, delivery: &Delivery) {
     };
     if !matches!(delivery.acker.nack(options).await, Ok(true)) {
         tracing::warn!("nack not sent (channel gone); the broker requeues the message itself");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_consumer_options_shows_the_url_without_the_password() {
+        let options = ConsumerOptions::new(
+            "billing",
+            "amqps://billing:amqp-pw-7f3a@rabbit.example:5671/prod",
+            Topology::new("order.events", "billing.q"),
+        );
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("amqp-pw-7f3a"), "{shown}");
+        assert!(
+            shown.contains("amqps://***@rabbit.example:5671/prod"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("prefetch: 32"),
+            "other settings stay visible: {shown}"
+        );
     }
 }
