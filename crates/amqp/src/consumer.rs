@@ -208,6 +208,67 @@ struct Shared {
     processor: Arc<dyn DeliveryProcessor>,
     stats: Arc<ConsumerStats>,
     metrics: OnceLock<ConsumerMetrics>,
+    in_flight: InFlightDeliveries,
+}
+
+/// The deliveries handed to a task and not yet settled, so that a shutdown that has to abandon
+/// them can say which ones.
+#[derive(Default)]
+struct InFlightDeliveries {
+    next: std::sync::atomic::AtomicU64,
+    live: std::sync::Mutex<std::collections::BTreeMap<u64, (u64, Option<String>)>>,
+}
+
+/// Removes its delivery from [`InFlightDeliveries`] when the task ends, aborted or not.
+struct Tracked {
+    shared: Arc<Shared>,
+    key: u64,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let mut live = self
+            .shared
+            .in_flight
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        live.remove(&self.key);
+    }
+}
+
+impl Shared {
+    fn track(self: &Arc<Self>, delivery: &Delivery) -> Tracked {
+        let key = self
+            .in_flight
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().chars().take(200).collect());
+        self.in_flight
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(key, (delivery.delivery_tag, message_id));
+        Tracked {
+            shared: self.clone(),
+            key,
+        }
+    }
+
+    /// Delivery tag and message id of every delivery still in flight.
+    fn in_flight(&self) -> Vec<(u64, Option<String>)> {
+        self.in_flight
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
 }
 
 impl Shared {
@@ -248,6 +309,7 @@ impl ConsumerRuntime {
                 processor,
                 stats: Arc::new(ConsumerStats::default()),
                 metrics: OnceLock::new(),
+                in_flight: InFlightDeliveries::default(),
             }),
         }
     }
@@ -262,7 +324,9 @@ impl ConsumerRuntime {
     ///
     /// A lost connection or channel is re-opened with backoff and consumption resumes; deliveries
     /// that were in flight are redelivered by the broker and the inbox recognises them.
-    /// Returns an error only for what retrying cannot fix: a topology conflict.
+    /// Returns an error only for what retrying cannot fix, a topology conflict, and for a stop
+    /// that was not clean: [`AmqpError::DrainTimedOut`] when in-flight deliveries had to be
+    /// abandoned after [`ConsumerOptions::shutdown_timeout`].
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let options = &self.shared.options;
         let metrics = self.shared.metrics();
@@ -285,10 +349,7 @@ impl ConsumerRuntime {
         loop {
             let opened = tokio::select! {
                 opened = self.open() => opened,
-                _ = &mut shutdown => {
-                    drain(&mut tasks, options.shutdown_timeout).await;
-                    return Ok(());
-                }
+                _ = &mut shutdown => return drain(&self.shared, &mut tasks).await,
             };
             let (session, mut consumer) = match opened {
                 Ok(opened) => opened,
@@ -300,10 +361,7 @@ impl ConsumerRuntime {
                     tracing::warn!(consumer = %options.consumer_name, error = %e, ?delay, "cannot consume, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
-                        _ = &mut shutdown => {
-                            drain(&mut tasks, options.shutdown_timeout).await;
-                            return Ok(());
-                        }
+                        _ = &mut shutdown => return drain(&self.shared, &mut tasks).await,
                     }
                 }
             };
@@ -336,7 +394,9 @@ impl ConsumerRuntime {
                             _ = &mut shutdown => break LoopEnd::Shutdown,
                         };
                         let Ok(permit) = permit else { break LoopEnd::Shutdown };
-                        tasks.spawn(handle_batch(self.shared.clone(), session.clone(), std::mem::take(&mut pending), permit));
+                        let batch = std::mem::take(&mut pending);
+                        let tracked = batch.iter().map(|d| self.shared.track(d)).collect();
+                        tasks.spawn(handle_batch(self.shared.clone(), session.clone(), batch, permit, tracked));
                     }
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) if batching.is_some() => {
@@ -351,7 +411,9 @@ impl ConsumerRuntime {
                                     _ = &mut shutdown => break LoopEnd::Shutdown,
                                 };
                                 let Ok(permit) = permit else { break LoopEnd::Shutdown };
-                                tasks.spawn(handle_batch(self.shared.clone(), session.clone(), std::mem::take(&mut pending), permit));
+                                let batch = std::mem::take(&mut pending);
+                        let tracked = batch.iter().map(|d| self.shared.track(d)).collect();
+                        tasks.spawn(handle_batch(self.shared.clone(), session.clone(), batch, permit, tracked));
                             }
                         }
                         Some(Ok(delivery)) => {
@@ -361,7 +423,8 @@ impl ConsumerRuntime {
                                 _ = &mut shutdown => break LoopEnd::Shutdown,
                             };
                             let Ok(permit) = permit else { break LoopEnd::Shutdown };
-                            tasks.spawn(handle_delivery(self.shared.clone(), session.clone(), delivery, permit));
+                            let tracked = self.shared.track(&delivery);
+                            tasks.spawn(handle_delivery(self.shared.clone(), session.clone(), delivery, permit, tracked));
                         }
                         Some(Err(e)) => {
                             tracing::warn!(consumer = %options.consumer_name, error = %e, "consumer stream failed");
@@ -384,12 +447,16 @@ impl ConsumerRuntime {
                     {
                         tracing::warn!(error = %e, "basic.cancel failed");
                     }
-                    drain(&mut tasks, options.shutdown_timeout).await;
+                    let drained = drain(&self.shared, &mut tasks).await;
+                    // Closing hands every unacked delivery, abandoned ones included, back to
+                    // the queue.
                     close_channel(&session.channel, 200, "shutdown").await;
                     close_connection(&session.connection, 200, "shutdown").await;
                     metrics.connected.set(0.0);
-                    tracing::info!(consumer = %options.consumer_name, "stopped");
-                    return Ok(());
+                    if drained.is_ok() {
+                        tracing::info!(consumer = %options.consumer_name, "stopped");
+                    }
+                    return drained;
                 }
                 LoopEnd::ConnectionLost => {
                     broker.down();
@@ -398,10 +465,7 @@ impl ConsumerRuntime {
                     let delay = options.reconnect.delay(0);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = &mut shutdown => {
-                            drain(&mut tasks, options.shutdown_timeout).await;
-                            return Ok(());
-                        }
+                        _ = &mut shutdown => return drain(&self.shared, &mut tasks).await,
                     }
                 }
             }
@@ -443,19 +507,46 @@ impl ConsumerRuntime {
     }
 }
 
-async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
+/// Waits up to the shutdown timeout for the in-flight deliveries. Those still running then are
+/// aborted (their transactions roll back) and named in the log; the stop is reported as
+/// [`AmqpError::DrainTimedOut`], so the process can exit non-zero.
+async fn drain(shared: &Shared, tasks: &mut JoinSet<()>) -> Result<()> {
+    let options = &shared.options;
     let all = async {
         while let Some(joined) = tasks.join_next().await {
             report_task_end(joined);
         }
     };
-    if tokio::time::timeout(timeout, all).await.is_err() {
-        tracing::warn!(
-            left = tasks.len(),
-            "in-flight deliveries did not finish in time; the broker will redeliver them"
-        );
-        tasks.abort_all();
+    if tokio::time::timeout(options.shutdown_timeout, all)
+        .await
+        .is_ok()
+    {
+        return Ok(());
     }
+    let abandoned = shared.in_flight();
+    for (delivery_tag, message_id) in &abandoned {
+        tracing::warn!(
+            consumer = %options.consumer_name,
+            queue = %options.topology.queue(),
+            delivery_tag,
+            message_id = message_id.as_deref().unwrap_or("<none>"),
+            "delivery abandoned at shutdown: its work is cancelled and it stays unacked, so the broker redelivers it"
+        );
+    }
+    tasks.abort_all();
+    while let Some(joined) = tasks.join_next().await {
+        report_task_end(joined);
+    }
+    tracing::error!(
+        consumer = %options.consumer_name,
+        queue = %options.topology.queue(),
+        abandoned = abandoned.len(),
+        timeout = ?options.shutdown_timeout,
+        "in-flight deliveries did not finish within the shutdown timeout; abandoned unacked, the broker redelivers them"
+    );
+    Err(AmqpError::DrainTimedOut {
+        abandoned: abandoned.len(),
+    })
 }
 
 fn report_task_end(joined: std::result::Result<(), tokio::task::JoinError>) {
@@ -471,6 +562,7 @@ async fn handle_delivery(
     session: Arc<Session>,
     delivery: Delivery,
     permit: OwnedSemaphorePermit,
+    _tracked: Tracked,
 ) {
     let raw = raw_metadata(
         &delivery.properties,
@@ -541,6 +633,7 @@ async fn handle_batch(
     session: Arc<Session>,
     deliveries: Vec<Delivery>,
     permit: OwnedSemaphorePermit,
+    _tracked: Vec<Tracked>,
 ) {
     let options = &shared.options;
     let metrics = shared.metrics();
