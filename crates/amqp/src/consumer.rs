@@ -5,6 +5,7 @@ use crate::connection::{Backoff, close_channel, close_connection, connect};
 use crate::error::{AmqpError, Result, short};
 use crate::properties::{CopyHeaders, copy_properties, raw_metadata};
 use crate::publisher::{ConfirmPublisher, OutgoingMessage};
+use crate::reconnect::ReconnectBackoff;
 use crate::stats::ConsumerStats;
 use crate::telemetry::{ConsumerMetrics, InFlight};
 use crate::topology::Topology;
@@ -344,7 +345,10 @@ impl ConsumerRuntime {
         tokio::pin!(shutdown);
         let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
-        let mut failures = 0u32;
+        // Reset only after a connection stayed up: one that drops right after opening must not
+        // be reopened (and its topology redeclared) every `initial`.
+        let mut reconnect =
+            ReconnectBackoff::new(options.reconnect, ReconnectBackoff::STABLE_AFTER);
         let mut connected_before = false;
         loop {
             let opened = tokio::select! {
@@ -356,8 +360,7 @@ impl ConsumerRuntime {
                 Err(e @ AmqpError::TopologyConflict { .. }) => return Err(e),
                 Err(e) => {
                     broker.down();
-                    let delay = options.reconnect.delay(failures);
-                    failures = failures.saturating_add(1);
+                    let delay = reconnect.on_failure(Instant::now());
                     tracing::warn!(consumer = %options.consumer_name, error = %e, ?delay, "cannot consume, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
@@ -365,7 +368,7 @@ impl ConsumerRuntime {
                     }
                 }
             };
-            failures = 0;
+            reconnect.on_connected(Instant::now());
             broker.up();
             metrics.connected.set(1.0);
             if connected_before {
@@ -462,7 +465,8 @@ impl ConsumerRuntime {
                     broker.down();
                     metrics.connected.set(0.0);
                     close_connection(&session.connection, 320, "reconnecting").await;
-                    let delay = options.reconnect.delay(0);
+                    let delay = reconnect.on_failure(Instant::now());
+                    tracing::info!(consumer = %options.consumer_name, ?delay, "reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = &mut shutdown => return drain(&self.shared, &mut tasks).await,

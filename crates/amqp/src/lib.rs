@@ -20,6 +20,7 @@ mod error;
 mod producer;
 mod properties;
 mod publisher;
+mod reconnect;
 mod stats;
 mod telemetry;
 mod topology;
@@ -33,6 +34,7 @@ pub use error::{AmqpError, Result};
 pub use producer::{DelayQueue, Publisher};
 pub use properties::{raw_metadata, read_attempt};
 pub use publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
+pub use reconnect::ReconnectBackoff;
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub use topology::{QueueType, Topology};
 
