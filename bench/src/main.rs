@@ -86,6 +86,7 @@ struct Args {
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,

@@ -187,6 +187,47 @@ async fn graceful_shutdown_finishes_in_flight_deliveries_and_leaves_the_rest_que
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_abandons_in_flight_deliveries_says_so_and_the_broker_redelivers_them() {
+    let h = Harness::new(&[]).await;
+    #[oncely::handler(consumer = "billing")]
+    async fn stuck_invoice(
+        conn: &mut oncely::AsyncPgConnection,
+        msg: oncely::Envelope<billing::OrderCreated>,
+    ) -> Result<(), oncely::HandlerError> {
+        // Far longer than the drain allows: this run is abandoned at shutdown.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        create_invoice::call(conn, msg).await
+    }
+    for n in 0..2 {
+        h.publish_order(&order(&h.name, n)).await;
+    }
+    let running = h.start(
+        h.consumer(stuck_invoice)
+            .concurrency(2)
+            .prefetch(2)
+            .shutdown_timeout(Duration::from_millis(500))
+            .build(),
+    );
+    running
+        .wait_for_stats("both deliveries in flight", |s| s.received == 2)
+        .await;
+    let stopped = oncely_e2e::within("the stop", Duration::from_secs(15), running.stop()).await;
+    match stopped {
+        Err(oncely::AmqpError::DrainTimedOut { abandoned }) => assert_eq!(abandoned, 2),
+        other => panic!("a drain that gave up must not look like a clean stop: {other:?}"),
+    }
+    assert_eq!(h.invoices().await, 0, "the abandoned runs rolled back");
+
+    // Left unacked, the two come back and are processed once each.
+    let running = h.start(h.consumer(create_invoice).build());
+    running
+        .wait_for_stats("the abandoned deliveries processed", |s| s.processed == 2)
+        .await;
+    assert_eq!(h.invoices().await, 2);
+    running.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_killed_mid_stream_lose_and_double_nothing() {
     let tiers = [Duration::from_millis(50)];
     let h = Harness::new(&tiers).await;

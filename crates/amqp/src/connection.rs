@@ -33,6 +33,29 @@ impl Backoff {
         let factor = 2u32.saturating_pow(retry.min(20));
         self.initial.saturating_mul(factor).min(self.max)
     }
+
+    /// [`Backoff::delay`] with equal jitter: between half of it and all of it, placed by `unit`
+    /// (in `[0, 1]`, drawn at random by the callers). Clients that lost the same broker at the
+    /// same moment spread out instead of reconnecting in lockstep, and the half kept is a floor
+    /// that still grows with every failure.
+    ///
+    /// ```
+    /// # use oncely_amqp::Backoff;
+    /// # use std::time::Duration;
+    /// let b = Backoff::default();
+    /// assert_eq!(b.jittered(2, 0.0), Duration::from_millis(200));
+    /// assert_eq!(b.jittered(2, 1.0), Duration::from_millis(400));
+    /// ```
+    pub fn jittered(&self, retry: u32, unit: f64) -> Duration {
+        let full = self.delay(retry);
+        let half = full / 2;
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        half + (full - half).mul_f64(unit)
+    }
 }
 
 /// Connects to `url`, retrying with `backoff`. The connection is named `name` in the broker's
@@ -52,7 +75,7 @@ pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connecti
                         source,
                     });
                 }
-                let delay = backoff.delay(attempt - 1);
+                let delay = backoff.jittered(attempt - 1, fastrand::f64());
                 tracing::warn!(url = %redact_url(url), attempt, ?delay, error = %source, "RabbitMQ connection failed, retrying");
                 tokio::time::sleep(delay).await;
             }

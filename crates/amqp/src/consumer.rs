@@ -5,6 +5,7 @@ use crate::connection::{Backoff, close_channel, close_connection, connect};
 use crate::error::{AmqpError, Result, short};
 use crate::properties::{CopyHeaders, copy_properties, raw_metadata};
 use crate::publisher::{ConfirmPublisher, OutgoingMessage};
+use crate::reconnect::ReconnectBackoff;
 use crate::stats::ConsumerStats;
 use crate::telemetry::{ConsumerMetrics, InFlight};
 use crate::topology::Topology;
@@ -17,7 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use oncely_core::health::{Kind, Registry};
 use oncely_core::metric_names as names;
-use oncely_core::{ContractLimits, Decision, Metadata, Reason, tier_label};
+use oncely_core::{ContractLimits, Decision, Metadata, Reason, RedactedUrl, tier_label};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -88,8 +89,8 @@ impl std::fmt::Debug for FaultInjection {
     }
 }
 
-/// Settings of a consumer runtime.
-#[derive(Debug, Clone)]
+/// Settings of a consumer runtime. `Debug` shows the URL without its password.
+#[derive(Clone)]
 pub struct ConsumerOptions {
     /// Consumer name, for logs.
     pub consumer_name: String,
@@ -125,6 +126,46 @@ pub struct ConsumerOptions {
     pub batch: Option<BatchOptions>,
     /// Test hook; `None` in production.
     pub fault_injection: Option<FaultInjection>,
+}
+
+impl std::fmt::Debug for ConsumerOptions {
+    // By hand: options end up in logs and panics, and the URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ConsumerOptions {
+            consumer_name,
+            connection_name,
+            amqp_url,
+            topology,
+            declare_topology,
+            prefetch,
+            concurrency,
+            limits,
+            confirm_timeout,
+            reconnect,
+            requeue_delay,
+            shutdown_timeout,
+            retry_in_place,
+            batch,
+            fault_injection,
+        } = self;
+        f.debug_struct("ConsumerOptions")
+            .field("consumer_name", consumer_name)
+            .field("connection_name", connection_name)
+            .field("amqp_url", &RedactedUrl(amqp_url))
+            .field("topology", topology)
+            .field("declare_topology", declare_topology)
+            .field("prefetch", prefetch)
+            .field("concurrency", concurrency)
+            .field("limits", limits)
+            .field("confirm_timeout", confirm_timeout)
+            .field("reconnect", reconnect)
+            .field("requeue_delay", requeue_delay)
+            .field("shutdown_timeout", shutdown_timeout)
+            .field("retry_in_place", retry_in_place)
+            .field("batch", batch)
+            .field("fault_injection", fault_injection)
+            .finish()
+    }
 }
 
 impl ConsumerOptions {
@@ -168,6 +209,67 @@ struct Shared {
     processor: Arc<dyn DeliveryProcessor>,
     stats: Arc<ConsumerStats>,
     metrics: OnceLock<ConsumerMetrics>,
+    in_flight: InFlightDeliveries,
+}
+
+/// The deliveries handed to a task and not yet settled, so that a shutdown that has to abandon
+/// them can say which ones.
+#[derive(Default)]
+struct InFlightDeliveries {
+    next: std::sync::atomic::AtomicU64,
+    live: std::sync::Mutex<std::collections::BTreeMap<u64, (u64, Option<String>)>>,
+}
+
+/// Removes its delivery from [`InFlightDeliveries`] when the task ends, aborted or not.
+struct Tracked {
+    shared: Arc<Shared>,
+    key: u64,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let mut live = self
+            .shared
+            .in_flight
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        live.remove(&self.key);
+    }
+}
+
+impl Shared {
+    fn track(self: &Arc<Self>, delivery: &Delivery) -> Tracked {
+        let key = self
+            .in_flight
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().chars().take(200).collect());
+        self.in_flight
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(key, (delivery.delivery_tag, message_id));
+        Tracked {
+            shared: self.clone(),
+            key,
+        }
+    }
+
+    /// Delivery tag and message id of every delivery still in flight.
+    fn in_flight(&self) -> Vec<(u64, Option<String>)> {
+        self.in_flight
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
 }
 
 impl Shared {
@@ -208,6 +310,7 @@ impl ConsumerRuntime {
                 processor,
                 stats: Arc::new(ConsumerStats::default()),
                 metrics: OnceLock::new(),
+                in_flight: InFlightDeliveries::default(),
             }),
         }
     }
@@ -222,7 +325,9 @@ impl ConsumerRuntime {
     ///
     /// A lost connection or channel is re-opened with backoff and consumption resumes; deliveries
     /// that were in flight are redelivered by the broker and the inbox recognises them.
-    /// Returns an error only for what retrying cannot fix: a topology conflict.
+    /// Returns an error only for what retrying cannot fix, a topology conflict, and for a stop
+    /// that was not clean: [`AmqpError::DrainTimedOut`] when in-flight deliveries had to be
+    /// abandoned after [`ConsumerOptions::shutdown_timeout`].
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let options = &self.shared.options;
         let metrics = self.shared.metrics();
@@ -240,34 +345,30 @@ impl ConsumerRuntime {
         tokio::pin!(shutdown);
         let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
         let mut tasks = JoinSet::new();
-        let mut failures = 0u32;
+        // Reset only after a connection stayed up: one that drops right after opening must not
+        // be reopened (and its topology redeclared) every `initial`.
+        let mut reconnect =
+            ReconnectBackoff::new(options.reconnect, ReconnectBackoff::STABLE_AFTER);
         let mut connected_before = false;
         loop {
             let opened = tokio::select! {
                 opened = self.open() => opened,
-                _ = &mut shutdown => {
-                    drain(&mut tasks, options.shutdown_timeout).await;
-                    return Ok(());
-                }
+                _ = &mut shutdown => return drain(&self.shared, &mut tasks).await,
             };
             let (session, mut consumer) = match opened {
                 Ok(opened) => opened,
                 Err(e @ AmqpError::TopologyConflict { .. }) => return Err(e),
                 Err(e) => {
                     broker.down();
-                    let delay = options.reconnect.delay(failures);
-                    failures = failures.saturating_add(1);
+                    let delay = reconnect.on_failure(Instant::now());
                     tracing::warn!(consumer = %options.consumer_name, error = %e, ?delay, "cannot consume, retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
-                        _ = &mut shutdown => {
-                            drain(&mut tasks, options.shutdown_timeout).await;
-                            return Ok(());
-                        }
+                        _ = &mut shutdown => return drain(&self.shared, &mut tasks).await,
                     }
                 }
             };
-            failures = 0;
+            reconnect.on_connected(Instant::now());
             broker.up();
             metrics.connected.set(1.0);
             if connected_before {
@@ -296,7 +397,9 @@ impl ConsumerRuntime {
                             _ = &mut shutdown => break LoopEnd::Shutdown,
                         };
                         let Ok(permit) = permit else { break LoopEnd::Shutdown };
-                        tasks.spawn(handle_batch(self.shared.clone(), session.clone(), std::mem::take(&mut pending), permit));
+                        let batch = std::mem::take(&mut pending);
+                        let tracked = batch.iter().map(|d| self.shared.track(d)).collect();
+                        tasks.spawn(handle_batch(self.shared.clone(), session.clone(), batch, permit, tracked));
                     }
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) if batching.is_some() => {
@@ -311,7 +414,9 @@ impl ConsumerRuntime {
                                     _ = &mut shutdown => break LoopEnd::Shutdown,
                                 };
                                 let Ok(permit) = permit else { break LoopEnd::Shutdown };
-                                tasks.spawn(handle_batch(self.shared.clone(), session.clone(), std::mem::take(&mut pending), permit));
+                                let batch = std::mem::take(&mut pending);
+                        let tracked = batch.iter().map(|d| self.shared.track(d)).collect();
+                        tasks.spawn(handle_batch(self.shared.clone(), session.clone(), batch, permit, tracked));
                             }
                         }
                         Some(Ok(delivery)) => {
@@ -321,7 +426,8 @@ impl ConsumerRuntime {
                                 _ = &mut shutdown => break LoopEnd::Shutdown,
                             };
                             let Ok(permit) = permit else { break LoopEnd::Shutdown };
-                            tasks.spawn(handle_delivery(self.shared.clone(), session.clone(), delivery, permit));
+                            let tracked = self.shared.track(&delivery);
+                            tasks.spawn(handle_delivery(self.shared.clone(), session.clone(), delivery, permit, tracked));
                         }
                         Some(Err(e)) => {
                             tracing::warn!(consumer = %options.consumer_name, error = %e, "consumer stream failed");
@@ -344,24 +450,26 @@ impl ConsumerRuntime {
                     {
                         tracing::warn!(error = %e, "basic.cancel failed");
                     }
-                    drain(&mut tasks, options.shutdown_timeout).await;
+                    let drained = drain(&self.shared, &mut tasks).await;
+                    // Closing hands every unacked delivery, abandoned ones included, back to
+                    // the queue.
                     close_channel(&session.channel, 200, "shutdown").await;
                     close_connection(&session.connection, 200, "shutdown").await;
                     metrics.connected.set(0.0);
-                    tracing::info!(consumer = %options.consumer_name, "stopped");
-                    return Ok(());
+                    if drained.is_ok() {
+                        tracing::info!(consumer = %options.consumer_name, "stopped");
+                    }
+                    return drained;
                 }
                 LoopEnd::ConnectionLost => {
                     broker.down();
                     metrics.connected.set(0.0);
                     close_connection(&session.connection, 320, "reconnecting").await;
-                    let delay = options.reconnect.delay(0);
+                    let delay = reconnect.on_failure(Instant::now());
+                    tracing::info!(consumer = %options.consumer_name, ?delay, "reconnecting");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = &mut shutdown => {
-                            drain(&mut tasks, options.shutdown_timeout).await;
-                            return Ok(());
-                        }
+                        _ = &mut shutdown => return drain(&self.shared, &mut tasks).await,
                     }
                 }
             }
@@ -403,19 +511,46 @@ impl ConsumerRuntime {
     }
 }
 
-async fn drain(tasks: &mut JoinSet<()>, timeout: Duration) {
+/// Waits up to the shutdown timeout for the in-flight deliveries. Those still running then are
+/// aborted (their transactions roll back) and named in the log; the stop is reported as
+/// [`AmqpError::DrainTimedOut`], so the process can exit non-zero.
+async fn drain(shared: &Shared, tasks: &mut JoinSet<()>) -> Result<()> {
+    let options = &shared.options;
     let all = async {
         while let Some(joined) = tasks.join_next().await {
             report_task_end(joined);
         }
     };
-    if tokio::time::timeout(timeout, all).await.is_err() {
-        tracing::warn!(
-            left = tasks.len(),
-            "in-flight deliveries did not finish in time; the broker will redeliver them"
-        );
-        tasks.abort_all();
+    if tokio::time::timeout(options.shutdown_timeout, all)
+        .await
+        .is_ok()
+    {
+        return Ok(());
     }
+    let abandoned = shared.in_flight();
+    for (delivery_tag, message_id) in &abandoned {
+        tracing::warn!(
+            consumer = %options.consumer_name,
+            queue = %options.topology.queue(),
+            delivery_tag,
+            message_id = message_id.as_deref().unwrap_or("<none>"),
+            "delivery abandoned at shutdown: its work is cancelled and it stays unacked, so the broker redelivers it"
+        );
+    }
+    tasks.abort_all();
+    while let Some(joined) = tasks.join_next().await {
+        report_task_end(joined);
+    }
+    tracing::error!(
+        consumer = %options.consumer_name,
+        queue = %options.topology.queue(),
+        abandoned = abandoned.len(),
+        timeout = ?options.shutdown_timeout,
+        "in-flight deliveries did not finish within the shutdown timeout; abandoned unacked, the broker redelivers them"
+    );
+    Err(AmqpError::DrainTimedOut {
+        abandoned: abandoned.len(),
+    })
 }
 
 fn report_task_end(joined: std::result::Result<(), tokio::task::JoinError>) {
@@ -431,6 +566,7 @@ async fn handle_delivery(
     session: Arc<Session>,
     delivery: Delivery,
     permit: OwnedSemaphorePermit,
+    _tracked: Tracked,
 ) {
     let raw = raw_metadata(
         &delivery.properties,
@@ -501,6 +637,7 @@ async fn handle_batch(
     session: Arc<Session>,
     deliveries: Vec<Delivery>,
     permit: OwnedSemaphorePermit,
+    _tracked: Vec<Tracked>,
 ) {
     let options = &shared.options;
     let metrics = shared.metrics();
@@ -845,5 +982,29 @@ async fn requeue(shared: &Shared, delivery: &Delivery) {
     };
     if !matches!(delivery.acker.nack(options).await, Ok(true)) {
         tracing::warn!("nack not sent (channel gone); the broker requeues the message itself");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_consumer_options_shows_the_url_without_the_password() {
+        let options = ConsumerOptions::new(
+            "billing",
+            "amqps://billing:amqp-pw-7f3a@rabbit.example:5671/prod",
+            Topology::new("order.events", "billing.q"),
+        );
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("amqp-pw-7f3a"), "{shown}");
+        assert!(
+            shown.contains("amqps://***@rabbit.example:5671/prod"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("prefetch: 32"),
+            "other settings stay visible: {shown}"
+        );
     }
 }

@@ -85,6 +85,16 @@ pub enum AmqpError {
         /// The delay queue.
         queue: String,
     },
+    /// At shutdown, in-flight deliveries did not finish within the shutdown timeout and were
+    /// abandoned: their work was cancelled (rolled back) and, never acked, they are redelivered
+    /// by the broker. The stop was not clean.
+    #[error(
+        "{abandoned} in-flight deliveries did not finish within the shutdown timeout and were abandoned unacked; the broker redelivers them"
+    )]
+    DrainTimedOut {
+        /// How many deliveries were abandoned.
+        abandoned: usize,
+    },
     /// A name is longer than AMQP allows (255 bytes).
     #[error("{what} {value:?} is longer than the 255 bytes AMQP allows")]
     NameTooLong {

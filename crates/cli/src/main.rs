@@ -6,6 +6,7 @@
 
 mod dlq;
 mod migrations;
+mod purge_floor;
 mod stats;
 mod topology;
 
@@ -25,6 +26,7 @@ struct Cli {
         long,
         global = true,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/oncely"
     )]
     database_url: String,
@@ -33,6 +35,7 @@ struct Cli {
         long,
         global = true,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     amqp_url: String,
@@ -143,11 +146,19 @@ enum InboxCommand {
     },
     /// Delete processed rows older than the given age, in bounded batches (safe while consumers
     /// run). A message redelivered after its row is gone is processed again: keep the age above
-    /// the longest a message can wait in a queue, a delay queue or the DLQ.
+    /// the longest a message can wait in a queue, a delay queue or the DLQ. An age below one day,
+    /// or below the longest retry tier of the configuration file, is refused without `--force`.
     Purge {
         /// Age, e.g. `30d`, `12h`.
         #[arg(long, value_parser = humantime::parse_duration)]
         older_than: Duration,
+        /// The configuration file whose retry tiers set the shortest age accepted. Default:
+        /// `oncely.toml` when it exists in the working directory.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Purge even below the safe floor (ids purged can be processed again).
+        #[arg(long)]
+        force: bool,
         /// Only this consumer.
         #[arg(long)]
         consumer: Option<String>,
@@ -192,6 +203,36 @@ impl std::fmt::Display for Mismatch {
 
 impl std::error::Error for Mismatch {}
 
+/// Refuses a purge age below the floor (see `purge_floor`) unless forced.
+fn check_purge_age(
+    older_than: Duration,
+    config: Option<std::path::PathBuf>,
+    force: bool,
+    consumer: Option<&str>,
+) -> anyhow::Result<()> {
+    let default = std::path::Path::new("oncely.toml");
+    let config = match config {
+        Some(path) => Some(oncely::config::Config::load(path)?),
+        None if default.exists() => Some(oncely::config::Config::load(default)?),
+        None => None,
+    };
+    let floor = purge_floor::purge_floor(config.as_ref(), consumer);
+    if older_than >= floor.age {
+        return Ok(());
+    }
+    if force {
+        eprintln!(
+            "oncely: warning: purging below the safe floor of {floor}: a message redelivered or replayed after its row is gone is processed again"
+        );
+        return Ok(());
+    }
+    Err(Refused(format!(
+        "--older-than {} is below the safe floor of {floor}: a message redelivered or replayed after its inbox row is purged is processed again; pass --force to purge anyway",
+        humantime::format_duration(older_than)
+    ))
+    .into())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -221,9 +262,14 @@ async fn main() -> ExitCode {
         }
         Command::Inbox(InboxCommand::Purge {
             older_than,
+            config,
+            force,
             consumer,
             batch,
-        }) => stats::purge(&cli.database_url, older_than, consumer.as_deref(), batch).await,
+        }) => match check_purge_age(older_than, config, force, consumer.as_deref()) {
+            Ok(()) => stats::purge(&cli.database_url, older_than, consumer.as_deref(), batch).await,
+            Err(e) => Err(e),
+        },
         Command::Outbox(OutboxCommand::Stats) => stats::outbox(&cli.database_url).await,
     };
     match result {

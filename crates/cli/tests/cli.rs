@@ -213,6 +213,7 @@ async fn inbox_purge_while_a_consumer_runs_is_safe_and_stats_report_it() {
             "purge",
             "--older-than",
             "0s",
+            "--force",
             "--consumer",
             "billing",
             "--batch",
@@ -240,6 +241,89 @@ async fn inbox_purge_while_a_consumer_runs_is_safe_and_stats_report_it() {
     let bad = oncely(&h, &["inbox", "purge", "--older-than", "soon"]).await;
     assert_eq!(bad.code, Some(2), "bad usage: {}", bad.stderr);
     running.stop().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_purge_refuses_an_age_below_the_safe_floor_unless_forced() {
+    let h = Harness::new(&[]).await;
+    let running = h.start(h.consumer(steady_invoice).build());
+    for n in 0..3 {
+        h.publish_order(&order(&h.name, n)).await;
+    }
+    running.wait_for_stats("three", |s| s.processed == 3).await;
+    running.stop().await.expect("stop");
+
+    // No configuration file: the floor is one day.
+    let zero = oncely(&h, &["inbox", "purge", "--older-than", "0s"]).await;
+    assert_eq!(zero.code, Some(3), "refused: {}", zero.stderr);
+    assert!(
+        zero.stderr.contains("1day") && zero.stderr.contains("--force"),
+        "names the floor and the way past it: {}",
+        zero.stderr
+    );
+    assert_eq!(h.processed().await, 3, "a refused purge deletes nothing");
+
+    // A retry tier longer than a day raises the floor to that tier.
+    let config = std::env::temp_dir().join(format!("{}-purge.toml", h.name));
+    std::fs::write(
+        &config,
+        "[consumers.billing]\nqueue = \"q\"\nexchange = \"e\"\nretry_tiers = [\"1m\", \"36h\"]\n",
+    )
+    .expect("write config");
+    let config = config.to_string_lossy().into_owned();
+    let day = oncely(
+        &h,
+        &["inbox", "purge", "--older-than", "30h", "--config", &config],
+    )
+    .await;
+    assert_eq!(day.code, Some(3), "refused: {}", day.stderr);
+    assert!(
+        day.stderr.contains("1day 12h") && day.stderr.contains("billing"),
+        "names the tier's floor and its consumer: {}",
+        day.stderr
+    );
+    let above = oncely(
+        &h,
+        &["inbox", "purge", "--older-than", "2d", "--config", &config],
+    )
+    .await;
+    assert_eq!(above.code, Some(0), "{}", above.stderr);
+    assert_eq!(h.processed().await, 3, "nothing that old yet");
+
+    let forced = oncely(&h, &["inbox", "purge", "--older-than", "0s", "--force"]).await;
+    assert_eq!(forced.code, Some(0), "{}", forced.stderr);
+    assert_eq!(h.processed().await, 0, "forced: every processed row purged");
+}
+
+#[test]
+fn help_never_prints_the_passwords_of_the_environment_urls() {
+    for args in [
+        &["--help"][..],
+        &["inbox", "purge", "--help"],
+        &["dlq", "list", "--help"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+            .args(args)
+            .env(
+                "DATABASE_URL",
+                "postgres://app:pg-pw-91c2@db.internal:5432/orders",
+            )
+            .env(
+                "AMQP_URL",
+                "amqps://app:amqp-pw-7f3a@rabbit.internal:5671/prod",
+            )
+            .output()
+            .expect("run oncely");
+        assert_eq!(out.status.code(), Some(0), "oncely {args:?}");
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(shown.contains("DATABASE_URL"), "{shown}");
+        assert!(!shown.contains("pg-pw-91c2"), "oncely {args:?}: {shown}");
+        assert!(!shown.contains("amqp-pw-7f3a"), "oncely {args:?}: {shown}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,7 @@ mod decision;
 mod error;
 pub mod health;
 pub mod metric_names;
+mod redact;
 mod retry;
 
 pub use contract::{
@@ -33,19 +34,5 @@ pub use contract::{
 };
 pub use decision::{Classifier, Decision, DefaultClassifier, Reason};
 pub use error::{ErrorKind, HandlerError};
+pub use redact::{RedactedUrl, redact_url};
 pub use retry::{RetryPolicy, RetryPolicyError, tier_label};
-
-/// `scheme://user:password@host/...` with the credentials replaced by `***`, for logs and errors.
-///
-/// ```
-/// assert_eq!(oncely_core::redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://***@127.0.0.1:5672/%2f");
-/// assert_eq!(oncely_core::redact_url("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}

@@ -110,13 +110,27 @@ struct RawConsumer {
     batch_wait: Option<String>,
 }
 
-/// Connection settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Connection settings. `Debug` shows the URLs without their passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Connections {
     /// RabbitMQ URL.
     pub amqp_url: String,
     /// PostgreSQL URL.
     pub database_url: String,
+}
+
+impl std::fmt::Debug for Connections {
+    // By hand: a configuration is printed in logs and test failures, and the URLs may carry
+    // passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("amqp_url", &oncely_core::RedactedUrl(&self.amqp_url))
+            .field(
+                "database_url",
+                &oncely_core::RedactedUrl(&self.database_url),
+            )
+            .finish()
+    }
 }
 
 /// One consumer's settings, checked.

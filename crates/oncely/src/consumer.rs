@@ -68,6 +68,11 @@ impl Consumer {
 
     /// Consumes until `shutdown` completes (see [`crate::shutdown_signal`]), then finishes the
     /// in-flight deliveries, acks them and closes. Reconnects by itself after connection loss.
+    ///
+    /// Deliveries still running after the shutdown timeout are abandoned (rolled back, left
+    /// unacked for the broker to redeliver) and `run` returns
+    /// [`AmqpError::DrainTimedOut`](oncely_amqp::AmqpError::DrainTimedOut): return it from
+    /// `main` so the process exits non-zero.
     pub async fn run(
         &self,
         shutdown: impl Future<Output = ()> + Send,
@@ -141,7 +146,8 @@ impl ConsumerHandle {
     }
 
     /// Stops the consumer gracefully (in-flight deliveries finish and are acked) and returns
-    /// what `run` returned.
+    /// what `run` returned: `Err(AmqpError::DrainTimedOut { abandoned })` when some did not
+    /// finish within the shutdown timeout.
     pub async fn shutdown(mut self) -> Result<(), oncely_amqp::AmqpError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

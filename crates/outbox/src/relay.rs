@@ -7,7 +7,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::StreamExt;
 use oncely_amqp::lapin::BasicProperties;
 use oncely_amqp::lapin::types::{AMQPValue, FieldTable, LongString};
-use oncely_amqp::{Backoff, OutgoingMessage, Publisher};
+use oncely_amqp::{Backoff, OutgoingMessage, Publisher, ReconnectBackoff};
 use oncely_core::health::{Component, Kind, Registry};
 use oncely_core::metric_names as names;
 use oncely_inbox::Pool;
@@ -324,9 +324,11 @@ impl Relay {
                 continue;
             }
             let pause = if failures > 0 {
+                // Jittered: relays sharing a database that failed together do not come back
+                // in lockstep.
                 self.options
                     .retry_backoff
-                    .delay(failures - 1)
+                    .jittered(failures - 1, fastrand::f64())
                     .min(self.options.poll_interval * 5)
             } else {
                 self.options.poll_interval
@@ -528,7 +530,8 @@ async fn listen(database_url: String, wake: Arc<Notify>) {
         max: Duration::from_secs(10),
         max_attempts: None,
     };
-    let mut failures = 0u32;
+    // A LISTEN that dies right after it started does not reset the backoff.
+    let mut schedule = ReconnectBackoff::new(backoff, ReconnectBackoff::STABLE_AFTER);
     loop {
         match AsyncPgConnection::establish(&database_url).await {
             Ok(mut conn) => {
@@ -536,7 +539,7 @@ async fn listen(database_url: String, wake: Arc<Notify>) {
                     .execute(&mut conn)
                     .await;
                 if listening.is_ok() {
-                    failures = 0;
+                    schedule.on_connected(std::time::Instant::now());
                     // Whatever was committed before LISTEN took effect gets a cycle too.
                     wake.notify_one();
                     let mut notifications = std::pin::pin!(conn.notifications_stream());
@@ -548,7 +551,6 @@ async fn listen(database_url: String, wake: Arc<Notify>) {
             }
             Err(e) => tracing::warn!(error = %e, "outbox LISTEN connection failed"),
         }
-        tokio::time::sleep(backoff.delay(failures)).await;
-        failures = failures.saturating_add(1);
+        tokio::time::sleep(schedule.on_failure(std::time::Instant::now())).await;
     }
 }

@@ -27,7 +27,12 @@ struct Cli {
 #[derive(clap::Args, Debug)]
 struct Api {
     /// Base URL of the inventory API.
-    #[arg(long, env = "INVENTORY_URL", default_value = "http://127.0.0.1:8089")]
+    #[arg(
+        long,
+        env = "INVENTORY_URL",
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:8089"
+    )]
     inventory_url: String,
     /// Give up on an API call after this many milliseconds (the call is retried).
     #[arg(long, default_value_t = 1000)]

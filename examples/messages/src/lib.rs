@@ -52,6 +52,7 @@ pub struct Services {
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
@@ -59,18 +60,34 @@ pub struct Services {
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/oncely"
     )]
     pub database_url: String,
     /// Print the consumer's counters on stdout every this many milliseconds, as one
     /// `oncely-stats key=value ...` line (0: never). The drill reads them.
-    #[arg(long, env = "ONCELY_STATS_EVERY_MS", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "ONCELY_STATS_EVERY_MS",
+        hide_env_values = true,
+        default_value_t = 0
+    )]
     pub stats_every_ms: u64,
     /// Batched mode: process up to this many deliveries per transaction (0: one at a time).
-    #[arg(long, env = "ONCELY_BATCH", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "ONCELY_BATCH",
+        hide_env_values = true,
+        default_value_t = 0
+    )]
     pub batch: usize,
     /// Batched mode: a batch waits at most this many milliseconds to fill.
-    #[arg(long, env = "ONCELY_BATCH_WAIT_MS", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "ONCELY_BATCH_WAIT_MS",
+        hide_env_values = true,
+        default_value_t = 20
+    )]
     pub batch_wait_ms: u64,
 }
 
