@@ -4,7 +4,7 @@ use crate::pool::{Pool, PoolError};
 use crate::schema::message_inbox::dsl as inbox;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::FutureExt;
 use oncely_core::{Envelope, HandlerError};
 use std::future::Future;
@@ -13,6 +13,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 mod batch;
+mod tx;
+
+use tx::Transaction;
 
 /// A boxed, `Send` future.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -147,14 +150,22 @@ impl Inbox {
             + Send,
     {
         let message_id = envelope.metadata.message_id.clone();
-        let mut conn = self.pool.get().await?;
+        let mut tx = Transaction::connect(&self.pool).await?;
         let transaction = async {
-            let conn: &mut AsyncPgConnection = &mut conn;
-            let Some(attempts) = begin_and_claim(conn, consumer, &message_id).await? else {
-                commit(conn).await?;
+            let claim = Claim {
+                consumer,
+                message_id: &message_id,
+            };
+            let claimed = tx
+                .begin_with(|conn| Box::pin(claim.get_result::<(i32, String)>(conn)))
+                .await
+                .optional()?;
+            let Some((attempts, _)) = claimed else {
+                // Nothing was written: the message was processed before.
+                tx.rollback().await?;
                 return Ok(Outcome::Duplicate);
             };
-            let handled = AssertUnwindSafe(handler(conn, envelope))
+            let handled = AssertUnwindSafe(handler(tx.conn(), envelope))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(panic_error(panic)));
@@ -162,12 +173,17 @@ impl Inbox {
                 Ok(()) => {
                     // Fault suite: the process dies with the handler's work done, uncommitted.
                     fail::fail_point!("oncely::before_commit", |_| std::process::abort());
-                    commit(conn).await?;
-                    Ok(Outcome::Processed { attempts })
+                    match tx.commit_verified().await {
+                        Ok(()) => Ok(Outcome::Processed { attempts }),
+                        Err(refused) => Err(match refused.into_handler_error() {
+                            Ok(careless) => TxError::Handler(careless),
+                            Err(lost) => TxError::Db(lost),
+                        }),
+                    }
                 }
-                Err(e) => match rollback(conn).await {
-                    // A broken transaction manager discards the connection anyway: the handler's
-                    // error is the one worth reporting (as `AsyncConnection::transaction` does).
+                Err(e) => match tx.rollback().await {
+                    // A broken connection is discarded anyway: the handler's error is the one
+                    // worth reporting (as `AsyncConnection::transaction` does).
                     Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => {
                         Err(TxError::Handler(e))
                     }
@@ -180,7 +196,7 @@ impl Inbox {
             Some(limit) => match tokio::time::timeout(limit, transaction).await {
                 Ok(result) => result,
                 Err(_) => {
-                    abandon(&mut conn).await;
+                    tx.abandon().await;
                     Err(TxError::Handler(HandlerError::retryable(
                         "handler_timeout",
                         format!("handler still running after {limit:?}; cancelled and rolled back"),
@@ -188,7 +204,7 @@ impl Inbox {
                 }
             },
         };
-        drop(conn);
+        drop(tx);
         match result {
             Ok(outcome) => Ok(outcome),
             Err(TxError::Db(e)) => Err(InboxError::Database(e)),
@@ -321,24 +337,6 @@ impl Inbox {
     }
 }
 
-/// A transaction future was dropped mid-way: cancel whatever statement is still running on the
-/// server (so it releases its locks now) and mark the connection broken, so the pool discards it
-/// and the server rolls the transaction back when it closes.
-async fn abandon(conn: &mut AsyncPgConnection) {
-    use diesel_async::TransactionManager;
-    if let Err(e) = conn
-        .cancel_token()
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-    {
-        tracing::warn!(error = %e, "could not cancel the timed-out statement");
-    }
-    <AsyncPgConnection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(
-        conn,
-    )
-    .set_in_error();
-}
-
 /// The claim: one statement that inserts the row as processed, or turns a failed row into a
 /// processed one, or returns nothing when the message was processed already.
 ///
@@ -358,7 +356,7 @@ impl diesel::query_builder::QueryId for Claim<'_> {
 }
 
 impl diesel::query_builder::Query for Claim<'_> {
-    type SqlType = diesel::sql_types::Integer;
+    type SqlType = (diesel::sql_types::Integer, diesel::sql_types::Text);
 }
 
 impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for Claim<'_> {
@@ -379,89 +377,11 @@ impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for Claim<'_> {
              ON CONFLICT (consumer_name, message_id) DO UPDATE \
              SET status = 'processed', attempts = message_inbox.attempts + 1, \
              processed_at = now(), error_code = NULL, error_message = NULL \
-             WHERE message_inbox.status <> 'processed' RETURNING attempts",
+             WHERE message_inbox.status <> 'processed' \
+             RETURNING attempts, set_config('oncely.claim_open', '1', true)",
         );
         Ok(())
     }
-}
-
-type TransactionManager = <AsyncPgConnection as AsyncConnection>::TransactionManager;
-
-/// Opens the transaction and claims the message in it, with ONE round trip: `BEGIN` and the
-/// claim are sent together (pipelined) and the server runs them in order.
-///
-/// tokio-postgres sends requests in the order they are first polled, so `BEGIN` is polled alone
-/// first: it is on the wire before the claim is even built. The transaction manager is then told
-/// about the open transaction, as `AsyncConnection::transaction` would have done, so nested
-/// transactions (savepoints) in the handler, the commit and the pool's broken-connection check
-/// work as usual.
-///
-/// When `BEGIN` fails the claim may have run outside any transaction; the connection is then
-/// marked broken (the pool discards it) and the error returned. `BEGIN` only fails when the
-/// connection does, and then the claim fails with it.
-async fn begin_and_claim(
-    conn: &mut AsyncPgConnection,
-    consumer: &str,
-    message_id: &str,
-) -> Result<Option<i32>, diesel::result::Error> {
-    use diesel::connection::{TransactionDepthChange, TransactionManagerStatus};
-    use diesel_async::{SimpleAsyncConnection, TransactionManager as _};
-    use std::task::Poll;
-
-    match TransactionManager::transaction_manager_status_mut(conn).transaction_depth()? {
-        None => {}
-        Some(_) => return Err(diesel::result::Error::AlreadyInTransaction),
-    }
-    let (begun, claimed) = {
-        let shared: &AsyncPgConnection = conn;
-        let (mut for_begin, mut for_claim) = (shared, shared);
-        let mut begin = std::pin::pin!(SimpleAsyncConnection::batch_execute(
-            &mut for_begin,
-            "BEGIN"
-        ));
-        let first = std::future::poll_fn(|cx| Poll::Ready(begin.as_mut().poll(cx))).await;
-        let claim = Claim {
-            consumer,
-            message_id,
-        }
-        .get_result::<i32>(&mut for_claim);
-        match first {
-            Poll::Ready(begun) => (begun, claim.await),
-            Poll::Pending => futures_util::future::join(begin, claim).await,
-        }
-    };
-    let status = TransactionManager::transaction_manager_status_mut(conn);
-    if let Err(e) = begun {
-        status.set_in_error();
-        return Err(e);
-    }
-    match status {
-        TransactionManagerStatus::Valid(valid) => {
-            valid.change_transaction_depth(TransactionDepthChange::IncreaseDepth)?
-        }
-        TransactionManagerStatus::InError => {
-            return Err(diesel::result::Error::BrokenTransactionManager);
-        }
-    }
-    match claimed.optional() {
-        Ok(claimed) => Ok(claimed),
-        Err(e) => {
-            // The claim failed inside the open transaction: roll it back; if even that fails
-            // the transaction manager is left in error and the pool drops the connection.
-            let _ = TransactionManager::rollback_transaction(conn).await;
-            Err(e)
-        }
-    }
-}
-
-async fn commit(conn: &mut AsyncPgConnection) -> Result<(), diesel::result::Error> {
-    use diesel_async::TransactionManager as _;
-    TransactionManager::commit_transaction(conn).await
-}
-
-async fn rollback(conn: &mut AsyncPgConnection) -> Result<(), diesel::result::Error> {
-    use diesel_async::TransactionManager as _;
-    TransactionManager::rollback_transaction(conn).await
 }
 
 fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {

@@ -1,9 +1,9 @@
 //! Batched processing: many messages, ONE transaction.
 
-use super::{Inbox, InboxError, MAX_ERROR_MESSAGE_CHARS, Outcome, abandon, panic_error, truncate};
+use super::{Inbox, InboxError, MAX_ERROR_MESSAGE_CHARS, Outcome, Transaction, panic_error, truncate};
 use crate::store::BoxFuture;
 use diesel::sql_types::{Array, Integer, Text};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::FutureExt;
 use oncely_core::{Envelope, HandlerError};
 use std::collections::HashMap;
@@ -15,16 +15,6 @@ struct Claimed {
     message_id: String,
     #[diesel(sql_type = Integer)]
     attempts: i32,
-}
-
-enum BatchTxError {
-    Db(diesel::result::Error),
-}
-
-impl From<diesel::result::Error> for BatchTxError {
-    fn from(e: diesel::result::Error) -> Self {
-        BatchTxError::Db(e)
-    }
 }
 
 impl Inbox {
@@ -78,89 +68,124 @@ impl Inbox {
             .map(|(_, e)| e.message_id().to_owned())
             .collect();
         let limit = self.handler_timeout;
-        let mut conn = self.pool.get().await?;
+        let mut tx = Transaction::connect(&self.pool).await?;
+        // Messages whose handler ran; a timed-out batch records an attempt for each.
+        let mut ran: Vec<String> = Vec::new();
         let mut timed_out = false;
-        let transaction = conn
-            .transaction::<Vec<(usize, Result<Outcome, HandlerError>)>, BatchTxError, _>(
-                async |conn| {
-                    let claimed: HashMap<String, i32> = diesel::sql_query(
-                        "INSERT INTO message_inbox \
-                       (consumer_name, message_id, status, attempts, processed_at) \
-                     SELECT $1, id, 'processed', 1, now() FROM unnest($2::text[]) AS id ORDER BY id \
-                     ON CONFLICT (consumer_name, message_id) DO UPDATE \
-                       SET status = 'processed', attempts = message_inbox.attempts + 1, \
-                           processed_at = now(), error_code = NULL, error_message = NULL \
-                       WHERE message_inbox.status <> 'processed' \
-                     RETURNING message_id, attempts",
+        let transaction = async {
+            let claimed: HashMap<String, i32> = tx
+                .begin_with(|conn| {
+                    Box::pin(
+                        diesel::sql_query(
+                            "INSERT INTO message_inbox \
+                               (consumer_name, message_id, status, attempts, processed_at) \
+                             SELECT $1, id, 'processed', 1, now() \
+                               FROM unnest($2::text[]) AS id ORDER BY id \
+                             ON CONFLICT (consumer_name, message_id) DO UPDATE \
+                               SET status = 'processed', attempts = message_inbox.attempts + 1, \
+                                   processed_at = now(), error_code = NULL, error_message = NULL \
+                               WHERE message_inbox.status <> 'processed' \
+                             RETURNING message_id, attempts, \
+                               set_config('oncely.claim_open', '1', true) AS claim_open",
+                        )
+                        .bind::<Text, _>(consumer)
+                        .bind::<Array<Text>, _>(&ids)
+                        .load::<Claimed>(conn),
                     )
-                    .bind::<Text, _>(consumer)
-                    .bind::<Array<Text>, _>(&ids)
-                    .load::<Claimed>(conn)
-                    .await?
-                    .into_iter()
-                    .map(|c| (c.message_id, c.attempts))
-                    .collect();
-                    let mut results = Vec::with_capacity(firsts.len());
-                    for (i, envelope) in firsts {
-                        let Some(&attempts) = claimed.get(envelope.message_id()) else {
-                            results.push((i, Ok(Outcome::Duplicate)));
-                            continue;
-                        };
-                        let message_id = envelope.message_id().to_owned();
-                        let run = conn.transaction::<(), HandlerFailure, _>(async |conn| {
-                            let handled = AssertUnwindSafe(handler(conn, envelope)).catch_unwind();
-                            let handled = match limit {
-                                None => handled.await,
-                                Some(limit) => match tokio::time::timeout(limit, handled).await {
-                                    Ok(handled) => handled,
-                                    Err(_) => return Err(HandlerFailure::TimedOut),
-                                },
-                            };
-                            handled
-                                .unwrap_or_else(|panic| Err(panic_error(panic)))
-                                .map_err(HandlerFailure::Handler)
-                        });
-                        match run.await {
-                            Ok(()) => results.push((i, Ok(Outcome::Processed { attempts }))),
-                            Err(HandlerFailure::Handler(error)) => {
-                                mark_failed(conn, consumer, &message_id, &error).await?;
-                                results.push((i, Err(error)));
-                            }
-                            Err(HandlerFailure::TimedOut) => {
-                                timed_out = true;
-                                return Err(BatchTxError::Db(
-                                    diesel::result::Error::RollbackTransaction,
-                                ));
-                            }
-                            Err(HandlerFailure::Db(e)) => return Err(BatchTxError::Db(e)),
+                })
+                .await?
+                .into_iter()
+                .map(|c| (c.message_id, c.attempts))
+                .collect();
+            if claimed.is_empty() {
+                // Nothing was written: every message was processed before.
+                tx.rollback().await?;
+                return Ok(Vec::new());
+            }
+            let mut results = Vec::with_capacity(firsts.len());
+            for (i, envelope) in firsts {
+                let Some(&attempts) = claimed.get(envelope.message_id()) else {
+                    results.push((i, Ok(Outcome::Duplicate)));
+                    continue;
+                };
+                let message_id = envelope.message_id().to_owned();
+                ran.push(message_id.clone());
+                tx.savepoint().await?;
+                let handled = AssertUnwindSafe(handler(tx.conn(), envelope)).catch_unwind();
+                let handled = match limit {
+                    None => handled.await,
+                    Some(limit) => match tokio::time::timeout(limit, handled).await {
+                        Ok(handled) => handled,
+                        Err(_) => {
+                            timed_out = true;
+                            return Err(diesel::result::Error::RollbackTransaction);
                         }
+                    },
+                };
+                let handled = handled.unwrap_or_else(|panic| Err(panic_error(panic)));
+                let failure = match handled {
+                    Ok(()) => match tx.release_savepoint().await {
+                        Ok(()) => None,
+                        Err(refused) => Some(refused.into_handler_error()?),
+                    },
+                    Err(error) => {
+                        tx.undo_savepoint().await?;
+                        Some(error)
                     }
-                    // Fault suite: the process dies with the batch's work done, uncommitted.
-                    fail::fail_point!("oncely::before_commit", |_| std::process::abort());
-                    Ok(results)
-                },
-            );
+                };
+                match failure {
+                    None => results.push((i, Ok(Outcome::Processed { attempts }))),
+                    Some(error) => {
+                        mark_failed(tx.conn(), consumer, &message_id, &error).await?;
+                        results.push((i, Err(error)));
+                    }
+                }
+            }
+            // Fault suite: the process dies with the batch's work done, uncommitted.
+            fail::fail_point!("oncely::before_commit", |_| std::process::abort());
+            match tx.commit_verified().await {
+                Ok(()) => Ok(results),
+                // The batch's own transaction was refused or ended by a handler: nothing of it
+                // is known to be durable. Every message fails with that error (retryable or
+                // as classified), and on redelivery the claim tells what committed.
+                Err(refused) => {
+                    let error = refused.into_handler_error()?;
+                    let (kind, code, text) = (
+                        error.kind(),
+                        error.code().to_owned(),
+                        error.message().to_owned(),
+                    );
+                    Ok((0..count)
+                        .map(|i| (i, Err(HandlerError::new(kind, code.clone(), text.clone()))))
+                        .collect())
+                }
+            }
+        };
         let result = transaction.await;
         if timed_out {
-            abandon(&mut conn).await;
-            drop(conn);
+            // The handler's statement may still run on the server: cancel it now and discard
+            // the connection, rather than wait for it behind a ROLLBACK.
+            tx.abandon().await;
+            drop(tx);
             let limit = limit.unwrap_or_default();
-            return Ok((0..count)
-                .map(|_| {
-                    Err(HandlerError::retryable(
-                        "handler_timeout",
-                        format!(
-                            "a handler of the batch still ran after {limit:?}; the batch was \
-                             cancelled and rolled back"
-                        ),
-                    ))
-                })
-                .collect());
+            let error = || {
+                HandlerError::retryable(
+                    "handler_timeout",
+                    format!(
+                        "a handler of the batch still ran after {limit:?}; the batch was \
+                         cancelled and rolled back"
+                    ),
+                )
+            };
+            for message_id in &ran {
+                if let Err(record) = self.record_failure(consumer, message_id, &error()).await {
+                    tracing::warn!(%record, consumer, message_id, "could not record the timed-out attempt in the inbox");
+                }
+            }
+            return Ok((0..count).map(|_| Err(error())).collect());
         }
-        let settled = match result {
-            Ok(settled) => settled,
-            Err(BatchTxError::Db(e)) => return Err(InboxError::Database(e)),
-        };
+        let settled = result?;
+        drop(tx);
         let mut out: Vec<Option<Result<Outcome, HandlerError>>> =
             (0..count).map(|_| None).collect();
         for (i, r) in settled {
@@ -170,18 +195,6 @@ impl Inbox {
             .into_iter()
             .map(|r| r.unwrap_or(Ok(Outcome::Duplicate)))
             .collect())
-    }
-}
-
-enum HandlerFailure {
-    Handler(HandlerError),
-    TimedOut,
-    Db(diesel::result::Error),
-}
-
-impl From<diesel::result::Error> for HandlerFailure {
-    fn from(e: diesel::result::Error) -> Self {
-        HandlerFailure::Db(e)
     }
 }
 
