@@ -431,3 +431,61 @@ async fn wait_for_invoices(h: &Harness, count: i64) {
     .await;
     assert_eq!(h.invoices().await, count, "each good order invoiced once");
 }
+
+/// A NUL byte in a message id (valid UTF-8, accepted by RabbitMQ, refused by PostgreSQL text)
+/// and a NUL inside a JSON string of the body: each fails its own message, once, and the orders
+/// around them flow on, in single and in batched mode.
+async fn nul_bytes_fail_their_own_message_only(batched: bool) {
+    let h = Harness::new(&[std::time::Duration::from_millis(100)]).await;
+    let mut consumer = h.consumer(create_invoice);
+    if batched {
+        consumer = consumer.batch(10, std::time::Duration::from_millis(20));
+    }
+    let running = h.start(consumer.build());
+    h.wait_for_consumer().await;
+    let json = |n: usize| {
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(format!("{}-{n}\0-nul", h.name).into())
+    };
+    h.publish_raw(&order_body(&h, 100), json(100)).await;
+    let mut order_with_nul = order(&h.name, 101);
+    order_with_nul.customer_id = "cus-\0-1".to_owned();
+    h.publish_order(&order_with_nul).await;
+    for n in 0..5 {
+        h.publish_order(&order(&h.name, n)).await;
+    }
+    let dead = h.expect_in_queue(&h.topology.dlq(), 2).await;
+    let mut codes: Vec<String> = dead
+        .iter()
+        .map(|d| d.header("x-oncely-error-code").unwrap_or_default())
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        ["contract.invalid_message_id", "db.error"],
+        "the id is refused by the contract, the body's NUL by PostgreSQL in the handler"
+    );
+    oncely_e2e::wait_until(
+        "five invoices",
+        std::time::Duration::from_secs(20),
+        || async { h.invoices().await == 5 },
+    )
+    .await;
+    let stats = running.stats();
+    assert_eq!(stats.dead_lettered, 2, "each settled once, never looped");
+    running.stop().await.expect("stop");
+    assert_eq!(h.queue_len(h.topology.queue()).await, 0);
+    assert_eq!(h.invoices().await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_in_a_message_id_or_body_fail_their_own_message_only() {
+    nul_bytes_fail_their_own_message_only(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_in_a_message_id_or_body_fail_their_own_message_only_in_batched_mode() {
+    nul_bytes_fail_their_own_message_only(true).await;
+}

@@ -134,6 +134,13 @@ pub enum ContractViolation {
         /// The limit.
         max: usize,
     },
+    /// The `message_id` property holds a NUL byte, which PostgreSQL text (the inbox's key)
+    /// cannot store.
+    #[error("message_id contains a NUL byte at byte {at}; the inbox cannot store it")]
+    MessageIdHasNul {
+        /// Byte offset of the first NUL.
+        at: usize,
+    },
     /// The content type is not JSON.
     #[error("content type {found:?} is not supported, expected application/json")]
     UnsupportedContentType {
@@ -184,6 +191,7 @@ impl ContractViolation {
             ContractViolation::MissingMessageId => "contract.missing_message_id",
             ContractViolation::BlankMessageId => "contract.blank_message_id",
             ContractViolation::MessageIdTooLong { .. } => "contract.message_id_too_long",
+            ContractViolation::MessageIdHasNul { .. } => "contract.invalid_message_id",
             ContractViolation::UnsupportedContentType { .. } => "contract.unsupported_content_type",
             ContractViolation::InvalidHeader { .. } => "contract.invalid_header",
             ContractViolation::BodyTooLarge { .. } => "contract.body_too_large",
@@ -250,7 +258,10 @@ impl Metadata {
                     max: limits.max_message_id_bytes,
                 });
             }
-            Some(id) => id,
+            Some(id) => match id.bytes().position(|b| b == 0) {
+                Some(at) => return Err(ContractViolation::MessageIdHasNul { at }),
+                None => id,
+            },
         };
         if let Some(content_type) = raw.content_type.as_ref().filter(|c| !is_json(c)) {
             return Err(ContractViolation::UnsupportedContentType {
@@ -369,6 +380,12 @@ fn text_header(
                 ),
             })
         }
+        // Contract headers travel on into the database (causation ids, outbox headers), where
+        // text cannot hold a NUL byte.
+        HeaderValue::Text(text) if text.contains('\0') => Err(ContractViolation::InvalidHeader {
+            name: name.to_owned(),
+            problem: "contains a NUL byte".to_owned(),
+        }),
         HeaderValue::Text(text) => Ok(text),
         other => Err(ContractViolation::InvalidHeader {
             name: name.to_owned(),
@@ -548,6 +565,27 @@ mod tests {
             check(raw(&"a".repeat(201))),
             Err(ContractViolation::MessageIdTooLong { len: 201, max: 200 })
         );
+    }
+
+    #[test]
+    fn message_id_with_a_nul_byte_is_a_violation() {
+        let violation = check(raw("ord-\0-1"));
+        assert_eq!(violation, Err(ContractViolation::MessageIdHasNul { at: 4 }));
+        assert_eq!(
+            violation.map_err(|v| v.code()),
+            Err("contract.invalid_message_id")
+        );
+    }
+
+    #[test]
+    fn contract_header_with_a_nul_byte_is_a_violation() {
+        let mut r = raw("m");
+        r.headers
+            .push(("tenant_id".into(), HeaderValue::Text("t\0".into())));
+        assert!(matches!(
+            check(r),
+            Err(ContractViolation::InvalidHeader { name, .. }) if name == "tenant_id"
+        ));
     }
 
     #[test]

@@ -150,6 +150,10 @@ impl Inbox {
             + Send,
     {
         let message_id = envelope.metadata.message_id.clone();
+        if let Some(unstorable) = unstorable_id(&message_id) {
+            // The message's own bytes, not the database, are at fault: never an outage.
+            return Err(InboxError::Handler(unstorable));
+        }
         let mut tx = Transaction::connect(&self.pool).await?;
         let transaction = async {
             let claim = Claim {
@@ -227,6 +231,7 @@ impl Inbox {
     ) -> Result<(), InboxError> {
         let mut conn = self.pool.get().await?;
         let text = truncate(error.message(), MAX_ERROR_MESSAGE_CHARS);
+        let text: &str = &text;
         let upsert = diesel::insert_into(inbox::message_inbox)
             .values((
                 inbox::consumer_name.eq(consumer),
@@ -393,10 +398,29 @@ fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
     HandlerError::permanent("handler_panicked", format!("handler panicked: {text}"))
 }
 
-fn truncate(text: &str, max_chars: usize) -> &str {
-    match text.char_indices().nth(max_chars) {
+/// A message id PostgreSQL text cannot hold (a NUL byte) fails its message permanently,
+/// before any statement: otherwise the claim would fail in the database for ever, looking like
+/// an outage. The contract refuses such ids already; this guards direct callers of the inbox.
+fn unstorable_id(message_id: &str) -> Option<HandlerError> {
+    message_id.contains('\0').then(|| {
+        HandlerError::permanent(
+            "invalid_message_id",
+            "the message id contains a NUL byte, which the inbox cannot store",
+        )
+    })
+}
+
+/// At most `max_chars` characters of `text`, without NUL bytes (PostgreSQL text cannot hold
+/// them, and error texts may quote a message's own data).
+fn truncate(text: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    let cut = match text.char_indices().nth(max_chars) {
         Some((end, _)) => &text[..end],
         None => text,
+    };
+    if cut.contains('\0') {
+        std::borrow::Cow::Owned(cut.replace('\0', "\\0"))
+    } else {
+        std::borrow::Cow::Borrowed(cut)
     }
 }
 
@@ -408,6 +432,7 @@ mod tests {
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "hé");
         assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("a\0b", 10), "a\\0b", "NUL bytes are spelled out");
     }
 
     #[test]

@@ -103,7 +103,9 @@ fn stuck_in_the_database_on_13<'c>(
     Box::pin(async move {
         insert(conn, msg.message_id(), msg.payload).await?;
         if msg.payload == 13 {
-            diesel::sql_query("SELECT pg_sleep(30)").execute(conn).await?;
+            diesel::sql_query("SELECT pg_sleep(30)")
+                .execute(conn)
+                .await?;
         }
         Ok(())
     })
@@ -264,12 +266,18 @@ async fn handler_that_swallows_a_database_error_fails_alone_in_a_batch() {
         )
         .await
         .expect("the batch commits");
-    assert_eq!(results[0].as_ref().ok(), Some(&Outcome::Processed { attempts: 1 }));
+    assert_eq!(
+        results[0].as_ref().ok(),
+        Some(&Outcome::Processed { attempts: 1 })
+    );
     assert_eq!(
         results[1].as_ref().map_err(|e| e.code()),
         Err("transaction_aborted")
     );
-    assert_eq!(results[2].as_ref().ok(), Some(&Outcome::Processed { attempts: 1 }));
+    assert_eq!(
+        results[2].as_ref().ok(),
+        Some(&Outcome::Processed { attempts: 1 })
+    );
     assert_eq!(effects(&inbox).await, ["m1", "m3"]);
     let failed = inbox.find("billing", "m2").await.expect("find");
     assert_eq!(
@@ -290,12 +298,18 @@ async fn handler_that_leaves_a_nested_transaction_open_fails_alone_in_a_batch() 
         )
         .await
         .expect("the batch commits");
-    assert_eq!(results[0].as_ref().ok(), Some(&Outcome::Processed { attempts: 1 }));
+    assert_eq!(
+        results[0].as_ref().ok(),
+        Some(&Outcome::Processed { attempts: 1 })
+    );
     assert_eq!(
         results[1].as_ref().map_err(|e| e.code()),
         Err("transaction_depth_mismatch")
     );
-    assert_eq!(results[2].as_ref().ok(), Some(&Outcome::Processed { attempts: 1 }));
+    assert_eq!(
+        results[2].as_ref().ok(),
+        Some(&Outcome::Processed { attempts: 1 })
+    );
     assert_eq!(effects(&inbox).await, ["m1", "m3"]);
 }
 
@@ -332,4 +346,35 @@ async fn batch_handler_timeout_cancels_a_statement_stuck_in_the_database_and_rec
             "the timed-out batch records an attempt for {id}"
         );
     }
+}
+
+#[tokio::test]
+async fn message_id_with_a_nul_byte_fails_permanently_and_never_as_an_outage() {
+    let (inbox, _schema) = fixture(1).await;
+    let error = handler_error(
+        inbox
+            .run("billing", envelope("m\0-1", 10), insert_effect)
+            .await,
+    );
+    assert_eq!(
+        (error.code(), error.kind()),
+        ("invalid_message_id", ErrorKind::Permanent)
+    );
+    let results = inbox
+        .run_batch(
+            "billing",
+            vec![envelope("m\0-2", 1), envelope("m3", 3)],
+            insert_effect,
+        )
+        .await
+        .expect("the batch commits its other messages");
+    assert_eq!(
+        results[0].as_ref().map_err(|e| e.code()),
+        Err("invalid_message_id")
+    );
+    assert_eq!(
+        results[1].as_ref().ok(),
+        Some(&Outcome::Processed { attempts: 1 })
+    );
+    assert_eq!(effects(&inbox).await, ["m3"]);
 }

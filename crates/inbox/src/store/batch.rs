@@ -1,6 +1,8 @@
 //! Batched processing: many messages, ONE transaction.
 
-use super::{Inbox, InboxError, MAX_ERROR_MESSAGE_CHARS, Outcome, Transaction, panic_error, truncate};
+use super::{
+    Inbox, InboxError, MAX_ERROR_MESSAGE_CHARS, Outcome, Transaction, panic_error, truncate,
+};
 use crate::store::BoxFuture;
 use diesel::sql_types::{Array, Integer, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -57,8 +59,11 @@ impl Inbox {
         // locks in id order, so two batches sharing ids wait for each other, never deadlock.
         let mut first_of: HashMap<String, usize> = HashMap::new();
         let mut firsts: Vec<(usize, Envelope<T>)> = Vec::with_capacity(count);
+        let mut unstorable: Vec<(usize, HandlerError)> = Vec::new();
         for (i, envelope) in envelopes.into_iter().enumerate() {
-            if !first_of.contains_key(envelope.message_id()) {
+            if let Some(error) = super::unstorable_id(envelope.message_id()) {
+                unstorable.push((i, error));
+            } else if !first_of.contains_key(envelope.message_id()) {
                 first_of.insert(envelope.message_id().to_owned(), i);
                 firsts.push((i, envelope));
             }
@@ -191,6 +196,9 @@ impl Inbox {
         for (i, r) in settled {
             out[i] = Some(r);
         }
+        for (i, error) in unstorable {
+            out[i] = Some(Err(error));
+        }
         Ok(out
             .into_iter()
             .map(|r| r.unwrap_or(Ok(Outcome::Duplicate)))
@@ -213,7 +221,7 @@ async fn mark_failed(
     .bind::<Text, _>(consumer)
     .bind::<Text, _>(message_id)
     .bind::<Text, _>(error.code())
-    .bind::<Text, _>(truncate(error.message(), MAX_ERROR_MESSAGE_CHARS))
+    .bind::<Text, _>(&*truncate(error.message(), MAX_ERROR_MESSAGE_CHARS))
     .execute(conn)
     .await?;
     Ok(())

@@ -299,10 +299,7 @@ impl<'p> Transaction<'p> {
         let found = self.depth();
         if found != Some(2) {
             self.undo_savepoint().await.map_err(CommitError::Database)?;
-            return Err(CommitError::DepthMismatch {
-                expected: 2,
-                found,
-            });
+            return Err(CommitError::DepthMismatch { expected: 2, found });
         }
         match self.conn.batch_execute(RELEASE_MESSAGE_SAVEPOINT).await {
             Ok(()) => self
