@@ -31,7 +31,8 @@ mod transport;
 pub use cause::{caused_by, current_cause, with_cause};
 pub use connection::{Backoff, close_channel, close_connection, connect};
 pub use consumer::{
-    BatchOptions, ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,
+    BatchOptions, ConsumerOptions, ConsumerRuntime, DEFAULT_CONCURRENCY, DEFAULT_PREFETCH,
+    DeliveryProcessor, FaultInjection, InvalidOption, LOCAL_AMQP_URL,
 };
 pub use error::{AmqpError, Result};
 pub use producer::{DelayQueue, Publisher};

@@ -57,10 +57,17 @@ pub enum Decision {
         /// Why.
         reason: Reason,
     },
+    /// The message is not at fault (the database is unreachable, say): give it back to the
+    /// queue without spending one of its retries.
+    Requeue {
+        /// What failed.
+        reason: Reason,
+    },
 }
 
 impl Decision {
-    /// Short name for logs and metrics: `ack`, `ack_duplicate`, `retry`, `dead_letter`, `park`.
+    /// Short name for logs and metrics: `ack`, `ack_duplicate`, `retry`, `dead_letter`, `park`,
+    /// `requeue`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Decision::Ack => "ack",
@@ -68,6 +75,14 @@ impl Decision {
             Decision::Retry { .. } => "retry",
             Decision::DeadLetter { .. } => "dead_letter",
             Decision::Park { .. } => "park",
+            Decision::Requeue { .. } => "requeue",
+        }
+    }
+
+    /// Give the message back because of `what` failed outside it.
+    pub fn requeue(code: impl Into<String>, message: impl Into<String>) -> Decision {
+        Decision::Requeue {
+            reason: Reason::new(code, message),
         }
     }
 }
@@ -215,6 +230,7 @@ mod tests {
             Decision::DeadLetter { reason: r.clone() }.as_str(),
             "dead_letter"
         );
-        assert_eq!(Decision::Park { reason: r }.as_str(), "park");
+        assert_eq!(Decision::Park { reason: r.clone() }.as_str(), "park");
+        assert_eq!(Decision::Requeue { reason: r }.as_str(), "requeue");
     }
 }

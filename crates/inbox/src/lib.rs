@@ -26,7 +26,7 @@ mod store;
 
 pub use migrate::{INBOX_MIGRATIONS, INBOX_SQL, MigrationError, run_migrations};
 pub use pool::{Pool, PoolError, PoolOptions, connect_pool};
-pub use store::{BoxFuture, Inbox, InboxError, InboxRow, Outcome};
+pub use store::{BoxFuture, Inbox, InboxError, InboxRow, Outcome, Status};
 
 #[cfg(feature = "testing")]
 pub mod testing;

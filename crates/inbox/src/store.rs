@@ -12,8 +12,13 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::time::Duration;
 
+mod admin;
 mod batch;
+mod claim;
 mod tx;
+
+use claim::Claim;
+pub use claim::Status;
 
 use tx::Transaction;
 
@@ -161,10 +166,10 @@ impl Inbox {
                 message_id: &message_id,
             };
             let claimed = tx
-                .begin_with(|conn| Box::pin(claim.get_result::<(i32, String)>(conn)))
+                .begin_with(|conn| Box::pin(claim.get_result::<(String, i32, String)>(conn)))
                 .await
                 .optional()?;
-            let Some((attempts, _)) = claimed else {
+            let Some((_, attempts, _)) = claimed else {
                 // Nothing was written: the message was processed before.
                 tx.rollback().await?;
                 return Ok(Outcome::Duplicate);
@@ -236,7 +241,7 @@ impl Inbox {
             .values((
                 inbox::consumer_name.eq(consumer),
                 inbox::message_id.eq(message_id),
-                inbox::status.eq("failed"),
+                inbox::status.eq(Status::Failed.as_str()),
                 inbox::attempts.eq(1),
                 inbox::error_code.eq(error.code()),
                 inbox::error_message.eq(text),
@@ -244,147 +249,18 @@ impl Inbox {
             .on_conflict((inbox::consumer_name, inbox::message_id))
             .do_update()
             .set((
-                inbox::status.eq("failed"),
+                inbox::status.eq(Status::Failed.as_str()),
                 inbox::attempts.eq(inbox::attempts + 1),
                 inbox::error_code.eq(error.code()),
                 inbox::error_message.eq(text),
             ));
         // ON CONFLICT .. DO UPDATE .. WHERE: `filter` here is the upsert's, not QueryDsl's.
-        diesel::query_dsl::methods::FilterDsl::filter(upsert, inbox::status.ne("processed"))
-            .execute(&mut conn)
-            .await?;
-        Ok(())
-    }
-
-    /// The inbox row of `(consumer, message_id)`, if any.
-    pub async fn find(
-        &self,
-        consumer: &str,
-        message_id: &str,
-    ) -> Result<Option<InboxRow>, InboxError> {
-        let mut conn = self.pool.get().await?;
-        Ok(inbox::message_inbox
-            .find((consumer, message_id))
-            .select(InboxRow::as_select())
-            .first(&mut conn)
-            .await
-            .optional()?)
-    }
-
-    /// Number of processed messages of `consumer`.
-    pub async fn count_processed(&self, consumer: &str) -> Result<i64, InboxError> {
-        let mut conn = self.pool.get().await?;
-        Ok(inbox::message_inbox
-            .filter(inbox::consumer_name.eq(consumer))
-            .filter(inbox::status.eq("processed"))
-            .count()
-            .get_result(&mut conn)
-            .await?)
-    }
-
-    /// Deletes processed rows older than `retention`, `batch` rows per statement, and returns
-    /// how many went.
-    ///
-    /// A message redelivered after its row is gone is processed again: keep `retention` well
-    /// above the longest time a message can stay in a queue, a retry tier or the DLQ before
-    /// being replayed.
-    pub async fn purge_processed(
-        &self,
-        retention: Duration,
-        batch: i64,
-    ) -> Result<u64, InboxError> {
-        self.purge_processed_of(None, retention, batch).await
-    }
-
-    /// [`Inbox::purge_processed`] for one consumer only, or all when `consumer` is `None`.
-    /// Each batch is its own short statement, so running consumers are never blocked for long.
-    pub async fn purge_processed_of(
-        &self,
-        consumer: Option<&str>,
-        retention: Duration,
-        batch: i64,
-    ) -> Result<u64, InboxError> {
-        let cutoff =
-            Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-        let mut total = 0u64;
-        loop {
-            let mut conn = self.pool.get().await?;
-            let mut query = inbox::message_inbox
-                .select((inbox::consumer_name, inbox::message_id))
-                .filter(inbox::status.eq("processed"))
-                .filter(inbox::processed_at.lt(cutoff))
-                .limit(batch.max(1))
-                .into_boxed();
-            if let Some(consumer) = consumer {
-                query = query.filter(inbox::consumer_name.eq(consumer.to_owned()));
-            }
-            let doomed = query.load::<(String, String)>(&mut conn).await?;
-            if doomed.is_empty() {
-                return Ok(total);
-            }
-            let mut deleted = 0;
-            for chunk in doomed.chunks(500) {
-                let (consumers, ids): (Vec<_>, Vec<_>) = chunk.iter().cloned().unzip();
-                deleted += diesel::sql_query(
-                    "DELETE FROM message_inbox m USING unnest($1::text[], $2::text[]) AS d(c, i) \
-                     WHERE m.consumer_name = d.c AND m.message_id = d.i AND m.status = 'processed'",
-                )
-                .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(consumers)
-                .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
-                .execute(&mut conn)
-                .await?;
-            }
-            total += deleted as u64;
-            if deleted == 0 {
-                return Ok(total);
-            }
-        }
-    }
-}
-
-/// The claim: one statement that inserts the row as processed, or turns a failed row into a
-/// processed one, or returns nothing when the message was processed already.
-///
-/// A query type of its own rather than diesel's `insert_into(..).on_conflict(..).do_update()`:
-/// diesel marks every `DO UPDATE` (and every `sql_query`) unsafe to cache, so that version was
-/// prepared (one extra round trip) and planned again for every message. This one has a static
-/// query id, so each connection prepares it once and then only binds and executes it.
-#[derive(Debug, Clone, Copy)]
-struct Claim<'a> {
-    consumer: &'a str,
-    message_id: &'a str,
-}
-
-impl diesel::query_builder::QueryId for Claim<'_> {
-    type QueryId = Claim<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl diesel::query_builder::Query for Claim<'_> {
-    type SqlType = (diesel::sql_types::Integer, diesel::sql_types::Text);
-}
-
-impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for Claim<'_> {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
-    ) -> diesel::QueryResult<()> {
-        use diesel::sql_types::Text;
-        out.push_sql(
-            "INSERT INTO message_inbox \
-             (consumer_name, message_id, status, attempts, processed_at) VALUES (",
-        );
-        out.push_bind_param::<Text, _>(self.consumer)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(self.message_id)?;
-        out.push_sql(
-            ", 'processed', 1, now()) \
-             ON CONFLICT (consumer_name, message_id) DO UPDATE \
-             SET status = 'processed', attempts = message_inbox.attempts + 1, \
-             processed_at = now(), error_code = NULL, error_message = NULL \
-             WHERE message_inbox.status <> 'processed' \
-             RETURNING attempts, set_config('oncely.claim_open', '1', true)",
-        );
+        diesel::query_dsl::methods::FilterDsl::filter(
+            upsert,
+            inbox::status.ne(Status::Processed.as_str()),
+        )
+        .execute(&mut conn)
+        .await?;
         Ok(())
     }
 }

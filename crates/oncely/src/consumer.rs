@@ -2,7 +2,7 @@
 
 use crate::handler::Handler;
 use oncely_amqp::{
-    BatchOptions, ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection, Processed,
+    BatchOptions, ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection,
     StatsSnapshot, Topology,
 };
 use oncely_core::health::{Component, Kind, Registry};
@@ -464,7 +464,7 @@ impl<H: Handler> InboxProcessor<H> {
     }
 
     /// Runs `envelope` through the inbox and the handler.
-    pub(crate) async fn run(&self, envelope: Envelope<H::Message>) -> Processed {
+    pub(crate) async fn run(&self, envelope: Envelope<H::Message>) -> Decision {
         let attempt = envelope.metadata.attempt;
         let labels = [
             ("queue", self.labels.queue.clone()),
@@ -486,20 +486,18 @@ impl<H: Handler> InboxProcessor<H> {
             Err(InboxError::Handler(error)) => self.decide(Err(error), attempt),
             Err(infrastructure) => {
                 self.database.down();
-                Processed::Requeue {
-                    reason: infrastructure.to_string(),
-                }
+                Decision::requeue("infrastructure", infrastructure.to_string())
             }
         }
     }
 
     /// Runs a batch through the inbox in one transaction; one result per item, in order.
-    pub(crate) async fn run_batch(&self, items: Vec<(Metadata, &[u8])>) -> Vec<Processed> {
+    pub(crate) async fn run_batch(&self, items: Vec<(Metadata, &[u8])>) -> Vec<Decision> {
         let labels = [
             ("queue", self.labels.queue.clone()),
             ("consumer", self.labels.consumer.clone()),
         ];
-        let mut out: Vec<Option<Processed>> = (0..items.len()).map(|_| None).collect();
+        let mut out: Vec<Option<Decision>> = (0..items.len()).map(|_| None).collect();
         let mut envelopes = Vec::with_capacity(items.len());
         let mut placed = Vec::with_capacity(items.len());
         let mut guards = Vec::with_capacity(items.len());
@@ -515,9 +513,9 @@ impl<H: Handler> InboxProcessor<H> {
                     envelopes.push(envelope);
                 }
                 Err(violation) => {
-                    out[i] = Some(Processed::Decision(Decision::DeadLetter {
+                    out[i] = Some(Decision::DeadLetter {
                         reason: Reason::from(&violation),
-                    }))
+                    })
                 }
             }
         }
@@ -541,32 +539,27 @@ impl<H: Handler> InboxProcessor<H> {
             Err(infrastructure) => {
                 self.database.down();
                 for (i, _) in placed {
-                    out[i] = Some(Processed::Requeue {
-                        reason: infrastructure.to_string(),
-                    });
+                    out[i] = Some(Decision::requeue(
+                        "infrastructure",
+                        infrastructure.to_string(),
+                    ));
                 }
             }
         }
         drop(guards);
         out.into_iter()
             .map(|p| {
-                p.unwrap_or(Processed::Requeue {
-                    reason: "no outcome for this message".to_owned(),
-                })
+                p.unwrap_or_else(|| Decision::requeue("no_outcome", "no outcome for this message"))
             })
             .collect()
     }
 
     /// What the runtime does with one message's outcome.
-    fn decide(
-        &self,
-        result: Result<Outcome, oncely_core::HandlerError>,
-        attempt: u32,
-    ) -> Processed {
+    fn decide(&self, result: Result<Outcome, oncely_core::HandlerError>, attempt: u32) -> Decision {
         self.database.up();
         match result {
-            Ok(Outcome::Processed { .. }) => Processed::Decision(Decision::Ack),
-            Ok(Outcome::Duplicate) => Processed::Decision(Decision::AckDuplicate),
+            Ok(Outcome::Processed { .. }) => Decision::Ack,
+            Ok(Outcome::Duplicate) => Decision::AckDuplicate,
             Err(error) => {
                 tracing::info!(
                     kind = error.kind().as_str(),
@@ -584,20 +577,20 @@ impl<H: Handler> InboxProcessor<H> {
                     ]
                 )
                 .increment(1);
-                Processed::Decision(self.classifier.classify(&error, attempt, &self.policy))
+                self.classifier.classify(&error, attempt, &self.policy)
             }
         }
     }
 }
 
 impl<H: Handler> DeliveryProcessor for InboxProcessor<H> {
-    fn process<'a>(&'a self, metadata: Metadata, body: &'a [u8]) -> BoxFuture<'a, Processed> {
+    fn process<'a>(&'a self, metadata: Metadata, body: &'a [u8]) -> BoxFuture<'a, Decision> {
         Box::pin(async move {
             match Envelope::<H::Message>::decode(metadata, body) {
                 Ok(envelope) => self.run(envelope).await,
-                Err(violation) => Processed::Decision(Decision::DeadLetter {
+                Err(violation) => Decision::DeadLetter {
                     reason: Reason::from(&violation),
-                }),
+                },
             }
         })
     }
@@ -605,7 +598,7 @@ impl<H: Handler> DeliveryProcessor for InboxProcessor<H> {
     fn process_batch<'a>(
         &'a self,
         items: Vec<(Metadata, &'a [u8])>,
-    ) -> BoxFuture<'a, Vec<Processed>> {
+    ) -> BoxFuture<'a, Vec<Decision>> {
         Box::pin(self.run_batch(items))
     }
 }

@@ -16,8 +16,8 @@ pub use shutdown::shutdown_signal;
 pub use diesel_async::AsyncPgConnection;
 pub use oncely_amqp::{
     AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, FaultInjection,
-    OutgoingMessage, Processed, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology,
-    caused_by, close_channel, close_connection, connect, current_cause, open_connection,
+    OutgoingMessage, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology, caused_by,
+    close_channel, close_connection, connect, current_cause, open_connection,
 };
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,

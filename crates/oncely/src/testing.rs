@@ -5,8 +5,7 @@
 
 use crate::consumer::InboxProcessor;
 use crate::handler::Handler;
-pub use oncely_amqp::Processed;
-use oncely_core::{Classifier, DefaultClassifier, Envelope, RetryPolicy};
+use oncely_core::{Classifier, Decision, DefaultClassifier, Envelope, RetryPolicy};
 use oncely_inbox::Inbox;
 use std::sync::Arc;
 
@@ -48,7 +47,7 @@ impl<H: Handler> TestWorker<H> {
     }
 
     /// Runs `envelope` and returns what the runtime would do with it.
-    pub async fn run(&self, envelope: Envelope<H::Message>) -> Processed {
+    pub async fn run(&self, envelope: Envelope<H::Message>) -> Decision {
         self.processor.run(envelope).await
     }
 }

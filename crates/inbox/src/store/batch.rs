@@ -81,21 +81,10 @@ impl Inbox {
             let claimed: HashMap<String, i32> = tx
                 .begin_with(|conn| {
                     Box::pin(
-                        diesel::sql_query(
-                            "INSERT INTO message_inbox \
-                               (consumer_name, message_id, status, attempts, processed_at) \
-                             SELECT $1, id, 'processed', 1, now() \
-                               FROM unnest($2::text[]) AS id ORDER BY id \
-                             ON CONFLICT (consumer_name, message_id) DO UPDATE \
-                               SET status = 'processed', attempts = message_inbox.attempts + 1, \
-                                   processed_at = now(), error_code = NULL, error_message = NULL \
-                               WHERE message_inbox.status <> 'processed' \
-                             RETURNING message_id, attempts, \
-                               set_config('oncely.claim_open', '1', true) AS claim_open",
-                        )
-                        .bind::<Text, _>(consumer)
-                        .bind::<Array<Text>, _>(&ids)
-                        .load::<Claimed>(conn),
+                        diesel::sql_query(super::claim::BATCH_CLAIM)
+                            .bind::<Text, _>(consumer)
+                            .bind::<Array<Text>, _>(&ids)
+                            .load::<Claimed>(conn),
                     )
                 })
                 .await?
@@ -214,7 +203,7 @@ async fn mark_failed(
     error: &HandlerError,
 ) -> Result<(), diesel::result::Error> {
     diesel::sql_query(
-        "UPDATE message_inbox SET status = 'failed', processed_at = NULL, \
+        "UPDATE message_inbox SET status = $5, processed_at = NULL, \
            error_code = $3, error_message = $4 \
          WHERE consumer_name = $1 AND message_id = $2",
     )
@@ -222,6 +211,7 @@ async fn mark_failed(
     .bind::<Text, _>(message_id)
     .bind::<Text, _>(error.code())
     .bind::<Text, _>(&*truncate(error.message(), MAX_ERROR_MESSAGE_CHARS))
+    .bind::<Text, _>(super::Status::Failed.as_str())
     .execute(conn)
     .await?;
     Ok(())
