@@ -19,7 +19,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub mod raw_amqp;
+/// The hand-written AMQP publisher, for properties and headers lapin cannot send.
+pub use oncely_raw_amqp as raw_amqp;
 
 /// `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {

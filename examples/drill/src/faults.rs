@@ -41,6 +41,11 @@ pub enum FaultKind {
     /// The inventory API answers `--api-fail-rate` of calls 503 and loses `--api-lose-rate` of
     /// responses after reserving.
     Api,
+    /// A producer that is not lapin (the hand-written client) publishes, between the orders,
+    /// messages no lapin producer can send: short strings and a header name that are not UTF-8,
+    /// a NUL in a message id and in a JSON string, bodies that are not orders, and valid orders
+    /// with header values of every odd type. See `hostile.rs` for each one's expected fate.
+    Hostile,
 }
 
 impl FaultKind {
@@ -148,7 +153,7 @@ pub fn schedule(kinds: &[FaultKind], kills: usize, rng: &mut impl Rng) -> Vec<(f
                 faults.push((0.65, Fault::ProxyCut));
             }
             FaultKind::HalfOpen => faults.push((0.75, Fault::BlackHole(Duration::from_secs(15)))),
-            FaultKind::Api | FaultKind::Failpoints => {}
+            FaultKind::Api | FaultKind::Failpoints | FaultKind::Hostile => {}
         }
     }
     faults.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -11,6 +11,7 @@
 
 mod faults;
 mod fleet;
+mod hostile;
 mod proxy;
 mod report;
 
@@ -79,6 +80,10 @@ struct Cli {
     /// Give up waiting for the drain after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Give up when nothing has moved for this many seconds after the producers and every
+    /// fault are done (a message held for ever, say): the report then shows what is missing.
+    #[arg(long, default_value_t = 120)]
+    stall_secs: u64,
     /// Seed of the random choices.
     #[arg(long)]
     seed: Option<u64>,
@@ -163,6 +168,13 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     kinds.sort();
     kinds.dedup();
     let kind_names: Vec<String> = kinds.iter().map(|k| k.name()).collect();
+    let hostile = if kinds.contains(&FaultKind::Hostile) {
+        hostile::messages(&prefix)
+    } else {
+        Vec::new()
+    };
+    // Valid orders sent by the hostile producer: invoiced, reserved and audited like the others.
+    let hostile_orders = hostile::orders(&hostile) as i64;
     let database_url = cli.services.database_url.clone();
     let amqp_url = cli.services.amqp_url.clone();
 
@@ -370,6 +382,17 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         duplicates_sent.clone(),
     ));
 
+    // Hostile messages spread over the time the orders take to place, mixed with them.
+    let mut hostile_producer = (!hostile.is_empty()).then(|| {
+        let placing = Duration::from_secs_f64(cli.orders as f64 / f64::from(cli.rate.max(1)));
+        let every = placing / (hostile.len() as u32 + 1);
+        let (url, exchange, messages) = (amqp_url.clone(), names.exchange.clone(), hostile.clone());
+        tokio::spawn(async move {
+            hostile::publish(&url, &exchange, billing::ORDER_CREATED_V1, messages, every).await
+        })
+    });
+    let mut hostile_sent = 0usize;
+
     // The faults, each due at a share of the orders processed by the slowest consumer.
     let mut faults = faults::schedule(&kinds, cli.kills, &mut rng)
         .into_iter()
@@ -389,7 +412,10 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     let mut last_csv = Instant::now() - Duration::from_secs(10);
     let mut producer = Some(producer);
     let mut settled_since: Option<Instant> = None;
+    let mut last_move = (String::new(), Instant::now());
     let n = cli.orders as i64;
+    // Orders every consumer must process once: the placed ones and the hostile producer's.
+    let expected = n + hostile_orders;
     let like = format!("{prefix}-");
     let mut progress = 0.0;
     loop {
@@ -399,6 +425,12 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             && let Some(p) = producer.take()
         {
             p.await.context("the order producer")??;
+        }
+        if let Some(h) = hostile_producer.as_ref()
+            && h.is_finished()
+            && let Some(h) = hostile_producer.take()
+        {
+            hostile_sent = h.await.context("the hostile producer")??;
         }
         // The drill's own reads ride out the faults it injects: a failed read skips a tick.
         let observed = async {
@@ -415,7 +447,7 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         let totals = fleet.consumer_totals();
         let sum = |f: fn(&oncely::StatsSnapshot) -> u64| totals.values().map(f).sum::<u64>();
         let slowest = st.invoices.min(fc.reservations).min(st.audit);
-        progress = f64::max(progress, slowest as f64 / n.max(1) as f64);
+        progress = f64::max(progress, slowest as f64 / expected.max(1) as f64);
 
         while let Some((at, fault)) = faults.peek().copied() {
             if progress < at {
@@ -509,18 +541,21 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         }
 
         let settled = producer.is_none()
+            && hostile_producer.is_none()
             && faults.peek().is_none()
             && background.iter().all(|r| r.is_finished())
             && st.orders == n
             && st.unpublished == 0
-            && st.invoices == n
-            && fc.reservations == n
-            && st.audit == n
+            && st.invoices == expected
+            && fc.reservations == expected
+            && st.audit == expected
             && fc.pending_operations == 0
             && queues.as_ref().is_some_and(|q| {
                 q.waiting == 0
                     && q.per_queue.iter().enumerate().all(|(i, d)| {
-                        *d >= dlq_before.get(i).copied().unwrap_or(0) + cli.poison as u32
+                        *d >= dlq_before.get(i).copied().unwrap_or(0)
+                            + cli.poison as u32
+                            + hostile::dead_letters(&hostile, i) as u32
                     })
             });
         // Settled for two seconds in a row: late duplicates would have shown by then.
@@ -534,6 +569,33 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
             note(
                 tty,
                 &format!("gave up waiting after {} s", cli.timeout_secs),
+            );
+            break;
+        }
+        // Business state, queue depths and settlements: what moves while anything is left.
+        let moved = format!(
+            "{st:?} {} {} {:?} {} {} {}",
+            fc.reservations,
+            fc.pending_operations,
+            queues.as_ref().map(|q| (q.dlq, q.waiting)),
+            sum(|s| s.processed),
+            sum(|s| s.duplicates),
+            sum(|s| s.dead_lettered)
+        );
+        if moved != last_move.0 {
+            last_move = (moved, Instant::now());
+        } else if producer.is_none()
+            && hostile_producer.is_none()
+            && faults.peek().is_none()
+            && background.iter().all(|r| r.is_finished())
+            && last_move.1.elapsed() >= Duration::from_secs(cli.stall_secs)
+        {
+            note(
+                tty,
+                &format!(
+                    "gave up waiting: nothing moved for {} s after every producer and fault was done",
+                    cli.stall_secs
+                ),
             );
             break;
         }
@@ -556,11 +618,19 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         tally.insert("inventory API responses lost", a.responses_lost as usize);
     }
     fleet.stop_all(Duration::from_secs(30)).await;
+    if let Some(h) = hostile_producer.take() {
+        h.abort();
+    }
 
     // The report, from the final state.
     let mut conn = pool.get().await?;
     let st = report::state(&mut conn, &like).await?;
     let fc = fulfillment::counts(&mut conn, &like).await?;
+    let hostile_ids: Vec<String> = hostile
+        .iter()
+        .filter_map(|h| h.message_id.clone())
+        .collect();
+    let processed = report::processed(&mut conn, &hostile_ids).await?;
     drop(conn);
     let queues = broker.queue_state(&names).await.unwrap_or_default();
     let totals = fleet.consumer_totals();
@@ -589,9 +659,17 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         duplicates_sent.load(Ordering::Relaxed),
     );
     r.figure("poison messages injected", cli.poison);
+    if !hostile.is_empty() {
+        r.figure("hostile messages injected", hostile_sent);
+        r.figure("of which valid orders (odd header types)", hostile_orders);
+    }
     for (label, count) in &tally {
         r.figure(label, *count);
         r.injected.push(((*label).to_owned(), *count));
+    }
+    if !hostile.is_empty() {
+        r.injected
+            .push(("hostile messages".to_owned(), hostile_sent));
     }
     if !proxies.is_empty() {
         r.figure(
@@ -612,9 +690,13 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     r.check("orders placed", n, st.orders);
     r.check("events published", n, st.published);
     r.check("events left in the outbox", 0, st.unpublished);
-    r.check("invoices (one per order)", n, st.invoices);
-    r.check("reservations (one per order)", n, fc.reservations);
-    r.check("reservations at the inventory API", n, fc.api_reservations);
+    r.check("invoices (one per order)", expected, st.invoices);
+    r.check("reservations (one per order)", expected, fc.reservations);
+    r.check(
+        "reservations at the inventory API",
+        expected,
+        fc.api_reservations,
+    );
     r.check(
         "orders reserved twice at the API",
         0,
@@ -622,26 +704,83 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     );
     r.check("reservation ids differing from the API", 0, fc.mismatched);
     r.check("reservation calls unsettled", 0, fc.pending_operations);
-    r.check("audit rows (one per event)", n, st.audit);
+    r.check("audit rows (one per event)", expected, st.audit);
     // A consumer killed between its DLQ copy's confirm and its ack dead-letters the redelivery
     // again: a second copy of the same message, never a lost one. Count distinct messages.
     // Only this run's messages count: a DLQ kept from earlier runs holds theirs too.
-    for topology in names.all() {
-        let (copies, distinct, others) = broker
-            .distinct_messages(&topology.dlq(), &prefix)
+    // Hostile messages are told apart by their marker, whatever their message id became.
+    let only_hostile = !hostile.is_empty() && kinds.iter().all(|k| *k == FaultKind::Hostile);
+    let consumers = [billing::CONSUMER, fulfillment::CONSUMER, audit::CONSUMER];
+    for (i, topology) in names.all().into_iter().enumerate() {
+        let dlq = broker
+            .dlq_contents(&topology.dlq(), &prefix)
             .await
-            .unwrap_or((u32::MAX, u32::MAX, 0));
-        r.figure(&format!("{} copies", topology.dlq()), copies);
-        if others > 0 {
+            .unwrap_or(DlqContents {
+                copies: u32::MAX,
+                distinct: u32::MAX,
+                ..DlqContents::default()
+            });
+        r.figure(&format!("{} copies", topology.dlq()), dlq.copies);
+        if dlq.others > 0 {
             r.figure(
                 &format!("{} messages of earlier runs", topology.dlq()),
-                others,
+                dlq.others,
             );
         }
         r.check(
             &format!("{} distinct (poison only)", topology.dlq()),
             cli.poison as i64,
-            distinct,
+            dlq.distinct,
+        );
+        if hostile.is_empty() {
+            continue;
+        }
+        let consumer = consumers[i];
+        let mut as_expected = 0;
+        for h in &hostile {
+            let codes = dlq.hostile.get(&h.marker).cloned().unwrap_or_default();
+            let done = h
+                .message_id
+                .as_ref()
+                .is_some_and(|id| processed.contains(&(consumer.to_owned(), id.clone())));
+            let ok = match h.fates[i] {
+                hostile::Fate::DeadLetter(code) => {
+                    !codes.is_empty() && codes.iter().all(|c| c == code) && !done
+                }
+                hostile::Fate::Processed => done && codes.is_empty(),
+            };
+            if ok {
+                as_expected += 1;
+            } else {
+                println!(
+                    "  hostile message {} ({}) at {consumer}: expected {:?}, found dead-lettered with {codes:?}, processed {done}",
+                    h.marker, h.what, h.fates[i]
+                );
+            }
+        }
+        r.check(
+            &format!("{consumer}: hostile messages settled as expected, once"),
+            hostile.len() as i64,
+            as_expected,
+        );
+        // Without any other fault nothing may be dead-lettered twice.
+        if only_hostile {
+            r.check(
+                &format!("{} hostile copies (one per message)", topology.dlq()),
+                dlq.hostile.len() as i64,
+                dlq.hostile.values().map(Vec::len).sum::<usize>(),
+            );
+        }
+    }
+    if only_hostile {
+        // Nothing hostile may break a connection, loop through the retry queues or be taken
+        // for an infrastructure failure and handed back.
+        r.check("consumer reconnects", 0, sum(|s| s.reconnects));
+        r.check("retries", 0, sum(|s| s.retried));
+        r.check(
+            "given back as infrastructure failures (requeued)",
+            0,
+            sum(|s| s.requeued),
         );
     }
     r.check(
@@ -940,6 +1079,19 @@ struct QueueState {
     waiting: u32,
 }
 
+/// What a DLQ holds, as [`Broker::dlq_contents`] reads it.
+#[derive(Debug, Default)]
+struct DlqContents {
+    /// This run's messages other than the hostile ones (poison, and copies of it).
+    copies: u32,
+    /// The distinct ones among them.
+    distinct: u32,
+    /// Messages of other runs.
+    others: u32,
+    /// This run's hostile messages by marker: the error code of each copy.
+    hostile: BTreeMap<String, Vec<String>>,
+}
+
 /// The drill's own view of the broker: one connection, opened again after a fault closed it.
 struct Broker {
     url: String,
@@ -992,14 +1144,17 @@ impl Broker {
         Some(state)
     }
 
-    /// (messages, distinct messages) of this run in `queue` (message id, or without one the
-    /// body, naming the run's `prefix`), and how many messages of other runs it holds. The
-    /// messages are read without being acked and go back to the queue when the channel closes.
-    async fn distinct_messages(&self, queue: &str, prefix: &str) -> Option<(u32, u32, u32)> {
+    /// What `queue` holds of this run: its messages (message id, or without one the body,
+    /// naming the run's `prefix`), its hostile messages by marker, and how many messages of
+    /// other runs. The messages are read without being acked and go back to the queue when the
+    /// channel closes.
+    async fn dlq_contents(&self, queue: &str, prefix: &str) -> Option<DlqContents> {
         use oncely::lapin::options::BasicGetOptions;
+        use oncely::lapin::types::AMQPValue;
         let connection = self.connection().await.ok()?;
         let channel = connection.create_channel().await.ok()?;
         let mut keys = std::collections::HashSet::new();
+        let mut contents = DlqContents::default();
         let (mut copies, mut others) = (0u32, 0u32);
         while let Ok(Ok(Some(m))) = tokio::time::timeout(
             Duration::from_secs(5),
@@ -1008,6 +1163,27 @@ impl Broker {
         .await
         {
             let d = m.delivery;
+            let header = |name: &str| {
+                let value = d.properties.headers().as_ref()?.inner().get(name)?;
+                match value {
+                    AMQPValue::LongString(s) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                }
+            };
+            match header(hostile::MARKER) {
+                Some(marker) if marker.starts_with(prefix) => {
+                    let code = header(oncely::headers::ERROR_CODE).unwrap_or_default();
+                    contents.hostile.entry(marker).or_default().push(code);
+                    continue;
+                }
+                Some(_) => {
+                    others += 1;
+                    continue;
+                }
+                None => {}
+            }
             let body = String::from_utf8_lossy(&d.data);
             let key = match d.properties.message_id() {
                 Some(id) if id.as_str().contains(prefix) => format!("id:{id}"),
@@ -1021,7 +1197,10 @@ impl Broker {
             keys.insert(key);
         }
         oncely::close_channel(&channel, 200, "read").await;
-        Some((copies, keys.len() as u32, others))
+        contents.copies = copies;
+        contents.distinct = keys.len() as u32;
+        contents.others = others;
+        Some(contents)
     }
 
     async fn cleanup(&self, names: &Names) {

@@ -1,9 +1,10 @@
 //! What the drill observes, and the final report.
 
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
+use std::collections::HashSet;
 
 /// The business state of one run, read from PostgreSQL.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, QueryableByName, Serialize)]
@@ -43,6 +44,34 @@ pub async fn state(
     .bind::<Text, _>(format!("{prefix}%"))
     .get_result(conn)
     .await
+}
+
+/// The (consumer, message id) pairs among `message_ids` that an inbox holds as processed.
+pub async fn processed(
+    conn: &mut AsyncPgConnection,
+    message_ids: &[String],
+) -> Result<HashSet<(String, String)>, diesel::result::Error> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        consumer_name: String,
+        #[diesel(sql_type = Text)]
+        message_id: String,
+    }
+    if message_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT consumer_name, message_id FROM message_inbox \
+         WHERE message_id = ANY($1) AND status = 'processed'",
+    )
+    .bind::<Array<Text>, _>(message_ids)
+    .load(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.consumer_name, r.message_id))
+        .collect())
 }
 
 /// One invariant.

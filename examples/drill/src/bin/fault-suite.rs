@@ -101,6 +101,11 @@ const SCENARIOS: &[(&str, &str, &str)] = &[
         EVERYTHING,
         "all of the above, consumers in batched mode (25 per transaction)",
     ),
+    (
+        "hostile-producer",
+        "hostile",
+        "a client that is not lapin publishes, between the orders, short strings and a header name that are not UTF-8, NUL bytes, bodies that are not orders and orders with odd header types",
+    ),
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -189,7 +194,8 @@ fn main() -> anyhow::Result<()> {
                     .unwrap_or_default();
                 let messages = figure("orders")
                     + figure("duplicate publishes injected")
-                    + figure("poison messages injected");
+                    + figure("poison messages injected")
+                    + figure("hostile messages injected");
                 let ok = output.status.success() && r["ok"] == true;
                 if !ok {
                     failed.push(name.to_string());

@@ -6,6 +6,9 @@
 //! It speaks just enough of the protocol to publish with confirms: protocol header, PLAIN
 //! login, tune, open, channel, confirm.select, basic.publish, close. No heartbeats (it asks for
 //! none), no TLS.
+//!
+//! Used by the end-to-end tests (`oncely_e2e::raw_amqp`) and by the drill's hostile producer
+//! (`--faults hostile`).
 
 use std::io;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
