@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
                 .amqp_url(&cli.services.amqp_url)
                 .connection_name(&cli.connection_name)
                 .topology(audit::topology(&cli.exchange, &cli.queue))
-                .build();
+                .build()?;
             cli.services
                 .print_stats(audit::CONSUMER, consumer.stats_handle());
             consumer.run(oncely::shutdown_signal()).await?;

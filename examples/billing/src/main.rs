@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
                     Consumer::builder(create_invoice, Inbox::new(pool))
                         .amqp_url(&config.connections.amqp_url)
                         .configure(config.consumer(billing::CONSUMER)?)
-                        .build()
+                        .build()?
                 }
                 None => {
                     _observability = oncely::observability::serve_from_env(&pool).await?;
@@ -120,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
                             topology,
                         ))
                         .connection_name(connection_name)
-                        .build()
+                        .build()?
                 }
             };
             cli.services
@@ -215,7 +215,7 @@ async fn demo(
         summary.poison
     );
     let consumer = consumer(amqp_url, pool.clone(), concurrency, billing::topology())
-        .build()
+        .build()?
         .spawn();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(timeout_secs);

@@ -211,8 +211,15 @@ pub(super) async fn handle_batch(
     drop(permit);
 }
 
+/// Without the `failpoints` feature there is no fault hook.
+#[cfg(not(feature = "failpoints"))]
+async fn crashes_after_commit(_: &Shared, _: &Session, _: &Decision, _: &Metadata) -> bool {
+    false
+}
+
 /// The test hook of [`super::FaultInjection`]: true when it closed the connection instead of
 /// letting the committed delivery be acked, as a crash there would.
+#[cfg(feature = "failpoints")]
 async fn crashes_after_commit(
     shared: &Shared,
     session: &Session,

@@ -93,7 +93,9 @@ fn invalid(setting: &'static str, problem: impl Into<String>) -> InvalidOption {
     }
 }
 
-/// A test hook that simulates a crash between the commit and the ack.
+/// A test hook that simulates a crash between the commit and the ack (`failpoints` feature
+/// only, as the other fault hooks).
+#[cfg(feature = "failpoints")]
 #[derive(Clone)]
 pub struct FaultInjection {
     /// Called after a delivery was processed (committed) and before it is acked; `true` closes
@@ -101,6 +103,7 @@ pub struct FaultInjection {
     pub crash_after_commit: Arc<dyn Fn(&Metadata) -> bool + Send + Sync>,
 }
 
+#[cfg(feature = "failpoints")]
 impl std::fmt::Debug for FaultInjection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("FaultInjection { .. }")
@@ -143,7 +146,8 @@ pub struct ConsumerOptions {
     /// processed together, `concurrency` batches at once. `None` (the default): one delivery at
     /// a time. Refused with `retry_in_place` (see [`ConsumerOptions::validate`]).
     pub batch: Option<BatchOptions>,
-    /// Test hook; `None` in production.
+    /// Test hook (`failpoints` feature only).
+    #[cfg(feature = "failpoints")]
     pub fault_injection: Option<FaultInjection>,
 }
 
@@ -165,7 +169,8 @@ impl std::fmt::Debug for ConsumerOptions {
             shutdown_timeout,
             retry_in_place,
             batch,
-            fault_injection,
+            #[cfg(feature = "failpoints")]
+                fault_injection: _,
         } = self;
         f.debug_struct("ConsumerOptions")
             .field("consumer_name", consumer_name)
@@ -182,8 +187,7 @@ impl std::fmt::Debug for ConsumerOptions {
             .field("shutdown_timeout", shutdown_timeout)
             .field("retry_in_place", retry_in_place)
             .field("batch", batch)
-            .field("fault_injection", fault_injection)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,6 +217,7 @@ impl ConsumerOptions {
             shutdown_timeout: Duration::from_secs(30),
             retry_in_place: false,
             batch: None,
+            #[cfg(feature = "failpoints")]
             fault_injection: None,
         }
     }
@@ -231,10 +236,28 @@ impl ConsumerOptions {
         if self.concurrency == 0 {
             return Err(invalid("concurrency", "must be at least 1"));
         }
+        if self.batch.is_some_and(|b| b.max_messages == 0) {
+            return Err(invalid("batch_size", "must be at least 1"));
+        }
         if self.prefetch == 0 {
             return Err(invalid(
                 "prefetch",
                 "must be at least 1 (0 would mean unlimited)",
+            ));
+        }
+        if self.batch.is_some() && self.retry_in_place {
+            return Err(invalid(
+                "strict_order",
+                "batched mode cannot keep strict order: choose one",
+            ));
+        }
+        if self.retry_in_place && (self.concurrency != 1 || self.prefetch != 1) {
+            return Err(invalid(
+                "strict_order",
+                format!(
+                    "needs concurrency 1 and prefetch 1, not {} and {}",
+                    self.concurrency, self.prefetch
+                ),
             ));
         }
         if usize::from(self.prefetch) < self.concurrency {
@@ -244,26 +267,6 @@ impl ConsumerOptions {
                     "{} is below the concurrency {}: the broker would never send enough \
                      deliveries to use it",
                     self.prefetch, self.concurrency
-                ),
-            ));
-        }
-        if let Some(batch) = &self.batch {
-            if batch.max_messages == 0 {
-                return Err(invalid("batch_size", "must be at least 1"));
-            }
-            if self.retry_in_place {
-                return Err(invalid(
-                    "strict_order",
-                    "batched mode cannot keep strict order: choose one",
-                ));
-            }
-        }
-        if self.retry_in_place && (self.concurrency != 1 || self.prefetch != 1) {
-            return Err(invalid(
-                "strict_order",
-                format!(
-                    "needs concurrency 1 and prefetch 1, not {} and {}",
-                    self.concurrency, self.prefetch
                 ),
             ));
         }
