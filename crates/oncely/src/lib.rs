@@ -5,12 +5,14 @@ mod consumer;
 mod handler;
 #[cfg(feature = "observability")]
 pub mod observability;
+mod service;
 mod shutdown;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use consumer::{BuildError, Consumer, ConsumerBuilder, ConsumerHandle};
 pub use handler::{BoxFuture, Handler};
+pub use service::{Service, ServiceError};
 pub use shutdown::shutdown_signal;
 
 pub use diesel_async::AsyncPgConnection;
