@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 /// The hand-written AMQP publisher, for properties and headers lapin cannot send.
 pub use oncely_raw_amqp as raw_amqp;
+pub mod gate;
 
 /// `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -82,6 +83,8 @@ pub struct Harness {
     pub connection: Arc<Connection>,
     /// Confirmed publisher on that connection.
     pub publisher: ConfirmPublisher,
+    /// More topologies of this test, deleted with it.
+    more_topologies: std::sync::Mutex<Vec<Topology>>,
 }
 
 impl Harness {
@@ -113,6 +116,14 @@ impl Harness {
             topology,
             connection,
             publisher,
+            more_topologies: Default::default(),
+        }
+    }
+
+    /// Deletes `topology`'s queues when the harness is dropped, as its own.
+    pub fn delete_topology(&self, topology: &Topology) {
+        if let Ok(mut more) = self.more_topologies.lock() {
+            more.push(topology.clone());
         }
     }
 
@@ -406,8 +417,16 @@ impl Drop for Harness {
     fn drop(&mut self) {
         let t = self.topology.clone();
         let url = amqp_url();
-        let mut queues = vec![t.queue().to_owned(), t.dlq(), t.parking()];
-        queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
+        let mut queues = Vec::new();
+        let more = self
+            .more_topologies
+            .lock()
+            .map(|more| more.clone())
+            .unwrap_or_default();
+        for t in std::iter::once(&t).chain(&more) {
+            queues.extend([t.queue().to_owned(), t.dlq(), t.parking()]);
+            queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
+        }
         oncely::testing::block_on_thread(async move {
             let Ok(conn) = oncely::open_connection(&url, Default::default()).await else {
                 return;

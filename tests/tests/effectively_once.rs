@@ -288,8 +288,12 @@ async fn postgres_connections_killed_mid_stream_lose_and_double_nothing() {
     assert_eq!(h.processed().await, 400);
     eprintln!("after the database kills: {stats:?}");
     assert!(
-        stats.requeued + stats.retried >= 1,
+        stats.held + stats.retried >= 1,
         "the kills hit deliveries in flight: {stats:?}"
+    );
+    assert_eq!(
+        stats.requeued, 0,
+        "held and tried again, never handed back to the broker: {stats:?}"
     );
     assert_eq!(
         stats.dead_lettered, 0,

@@ -61,6 +61,7 @@ impl Consumer {
             limits: ContractLimits::default(),
             confirm_timeout: None,
             requeue_delay: None,
+            max_hold: None,
             shutdown_timeout: None,
             #[cfg(feature = "failpoints")]
             fault_injection: None,
@@ -190,6 +191,7 @@ pub struct ConsumerBuilder<H> {
     limits: ContractLimits,
     confirm_timeout: Option<Duration>,
     requeue_delay: Option<Duration>,
+    max_hold: Option<Duration>,
     shutdown_timeout: Option<Duration>,
     #[cfg(feature = "failpoints")]
     fault_injection: Option<FaultInjection>,
@@ -273,9 +275,18 @@ impl<H: Handler> ConsumerBuilder<H> {
         self
     }
 
-    /// Pause before a message goes back to the queue after a database outage. Default 1 s.
+    /// First wait before a delivery held through a database outage (or a copy that cannot be
+    /// confirmed) is tried again; the waits double, jittered, up to 30 s. Default 1 s.
     pub fn requeue_delay(mut self, delay: Duration) -> Self {
         self.requeue_delay = Some(delay);
+        self
+    }
+
+    /// Longest a delivery is held through an infrastructure failure before it is given back
+    /// (republished to the queue's tail, so no delivery count grows). Keep it below the broker's
+    /// consumer acknowledgement timeout (30 min by default). Default 15 min.
+    pub fn max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = Some(max_hold);
         self
     }
 
@@ -393,6 +404,9 @@ impl<H: Handler> ConsumerBuilder<H> {
         }
         if let Some(v) = self.requeue_delay {
             options.requeue_delay = v;
+        }
+        if let Some(v) = self.max_hold {
+            options.max_hold = v;
         }
         if let Some(v) = self.shutdown_timeout {
             options.shutdown_timeout = v;

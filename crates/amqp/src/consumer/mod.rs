@@ -134,8 +134,15 @@ pub struct ConsumerOptions {
     pub confirm_timeout: Duration,
     /// Backoff between reconnection attempts (retried for ever while running).
     pub reconnect: Backoff,
-    /// Pause before a message is given back after an infrastructure failure. Default 1 s.
+    /// First wait before a held delivery is processed again after an infrastructure failure
+    /// (the database down, a copy that cannot be confirmed); the waits double, jittered, up to
+    /// 30 s. Default 1 s.
     pub requeue_delay: Duration,
+    /// Longest a delivery is held through an infrastructure failure before it is given back
+    /// (republished to the queue's tail, so no delivery count grows; nacked under strict order).
+    /// Keep it below the broker's consumer acknowledgement timeout (30 min by default), which
+    /// closes the channel. Default 15 min.
+    pub max_hold: Duration,
     /// Longest wait for in-flight deliveries at shutdown. Default 30 s.
     pub shutdown_timeout: Duration,
     /// Retry on the same delivery (wait, then run again) instead of through the delay queues,
@@ -166,6 +173,7 @@ impl std::fmt::Debug for ConsumerOptions {
             confirm_timeout,
             reconnect,
             requeue_delay,
+            max_hold,
             shutdown_timeout,
             retry_in_place,
             batch,
@@ -184,6 +192,7 @@ impl std::fmt::Debug for ConsumerOptions {
             .field("confirm_timeout", confirm_timeout)
             .field("reconnect", reconnect)
             .field("requeue_delay", requeue_delay)
+            .field("max_hold", max_hold)
             .field("shutdown_timeout", shutdown_timeout)
             .field("retry_in_place", retry_in_place)
             .field("batch", batch)
@@ -214,6 +223,7 @@ impl ConsumerOptions {
                 ..Backoff::default()
             },
             requeue_delay: Duration::from_secs(1),
+            max_hold: Duration::from_secs(15 * 60),
             shutdown_timeout: Duration::from_secs(30),
             retry_in_place: false,
             batch: None,
@@ -285,6 +295,8 @@ struct Shared {
     stats: Arc<ConsumerStats>,
     metrics: OnceLock<ConsumerMetrics>,
     in_flight: InFlightDeliveries,
+    /// Cancelled once shutdown begins: held deliveries stop waiting and are given back.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The deliveries handed to a task and not yet settled, so that a shutdown that has to abandon
@@ -348,6 +360,30 @@ impl Shared {
 }
 
 impl Shared {
+    /// The wait before try `retry` (0-based) of a held delivery: from `requeue_delay`, doubling
+    /// up to 30 s, with equal jitter so held deliveries do not probe in lockstep.
+    fn hold_delay(&self, retry: u32) -> Duration {
+        Backoff {
+            initial: self.options.requeue_delay,
+            max: Duration::from_secs(30).max(self.options.requeue_delay),
+            max_attempts: None,
+        }
+        .jittered(retry, fastrand::f64())
+    }
+
+    /// Whether a delivery held since `since` may wait for another try.
+    fn may_hold(&self, since: std::time::Instant) -> bool {
+        !self.stopping.is_cancelled() && since.elapsed() < self.options.max_hold
+    }
+
+    /// Sleeps `delay`, or less when shutdown begins.
+    async fn hold_for(&self, delay: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.stopping.cancelled() => {}
+        }
+    }
+
     /// The metric handles, taken at first use (after the application installed its recorder).
     fn metrics(&self) -> &ConsumerMetrics {
         self.metrics.get_or_init(|| {
@@ -381,6 +417,7 @@ impl ConsumerRuntime {
                 stats: Arc::new(ConsumerStats::default()),
                 metrics: OnceLock::new(),
                 in_flight: InFlightDeliveries::default(),
+                stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
     }
