@@ -73,3 +73,50 @@ async fn a_database_outage_holds_deliveries_and_spends_no_delivery_count() {
         "nothing dead-lettered"
     );
 }
+
+/// A deploy that starts before its migration: the business table is missing. Every message is
+/// held (not retried, not dead-lettered) until the table is there, then processed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_that_starts_before_its_migration_holds_messages_until_the_schema_fits() {
+    use diesel_async::RunQueryDsl;
+    let h = Harness::new(&[Duration::from_millis(50)]).await;
+    let sql = |statement: &'static str| {
+        let pool = h.pool.clone();
+        async move {
+            let mut conn = pool.get().await.expect("connection");
+            diesel::sql_query(statement)
+                .execute(&mut conn)
+                .await
+                .expect(statement);
+        }
+    };
+    sql("ALTER TABLE invoices RENAME TO invoices_not_yet").await;
+    let running = h.start(
+        h.consumer(create_invoice)
+            .concurrency(2)
+            .requeue_delay(Duration::from_millis(100))
+            .build()
+            .expect("valid consumer settings"),
+    );
+    for n in 0..5 {
+        h.publish_order(&order(&h.name, n)).await;
+    }
+    running
+        .wait_for_stats("messages held for the missing table", |s| s.held >= 2)
+        .await;
+    let during = running.stats();
+    assert_eq!(
+        (during.retried, during.dead_lettered, during.requeued),
+        (0, 0, 0),
+        "the deployment's fault spends no retry and dead-letters nothing: {during:?}"
+    );
+    sql("ALTER TABLE invoices_not_yet RENAME TO invoices").await;
+    wait_until("5 invoices", Duration::from_secs(60), || async {
+        h.invoices().await == 5
+    })
+    .await;
+    let after = running.stats();
+    assert_eq!((after.processed, after.dead_lettered), (5, 0), "{after:?}");
+    running.stop().await.expect("stop");
+    assert_eq!(h.queue_len(&h.topology.dlq()).await, 0);
+}

@@ -107,6 +107,26 @@ impl fmt::Debug for HandlerError {
     }
 }
 
+/// Codes of database errors that come from the deployment, not from the message: a table,
+/// column or function the code expects but the schema lacks (a service started before its
+/// migration), missing privileges, a database that refuses writes (a demoted primary). Retrying
+/// through the delay queues would only dead-letter every message; the runtime holds them instead
+/// until the database is fit.
+pub const DEPLOYMENT_ERROR_CODES: &[&str] = &[
+    "db.undefined_object",
+    "db.insufficient_privilege",
+    "db.read_only_transaction",
+];
+
+impl HandlerError {
+    /// True for a failure of the deployment, not of the message ([`DEPLOYMENT_ERROR_CODES`]):
+    /// the runtime holds the message and reports the database not ready, rather than spend a
+    /// retry or dead-letter it.
+    pub fn is_deployment(&self) -> bool {
+        DEPLOYMENT_ERROR_CODES.contains(&self.code())
+    }
+}
+
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -172,6 +192,16 @@ mod diesel_errors {
         }
     }
 
+    /// PostgreSQL's texts for 42P01 (`relation "t" does not exist`), 42703 (`column "c" does not
+    /// exist`, `column "c" of relation "t" does not exist`), 42883 (`function f(..) does not
+    /// exist`), 3F000 (`schema "s" does not exist`). diesel does not expose the SQLSTATE.
+    fn is_undefined_object(message: &str) -> bool {
+        message.ends_with("does not exist")
+            && ["relation ", "column ", "function ", "schema ", "type "]
+                .iter()
+                .any(|object| message.starts_with(object))
+    }
+
     fn classify(e: &Error) -> (ErrorKind, &'static str) {
         match e {
             Error::DatabaseError(kind, info) => match kind {
@@ -202,6 +232,10 @@ mod diesel_errors {
                     let message = info.message();
                     if TRANSIENT_MESSAGES.iter().any(|m| message.contains(m)) {
                         (ErrorKind::Retryable, "db.transient")
+                    } else if is_undefined_object(message) {
+                        (ErrorKind::Retryable, "db.undefined_object")
+                    } else if message.starts_with("permission denied") {
+                        (ErrorKind::Retryable, "db.insufficient_privilege")
                     } else {
                         (ErrorKind::Permanent, "db.error")
                     }
@@ -253,6 +287,46 @@ mod diesel_errors {
                 let h = HandlerError::from(e);
                 assert_eq!(h.kind(), ErrorKind::Retryable, "{h}");
             }
+        }
+
+        #[test]
+        fn errors_of_the_deployment_are_told_apart_from_the_message() {
+            for (message, code) in [
+                (
+                    r#"relation "invoices" does not exist"#,
+                    "db.undefined_object",
+                ),
+                (r#"column "currency" does not exist"#, "db.undefined_object"),
+                (
+                    r#"column "currency" of relation "invoices" does not exist"#,
+                    "db.undefined_object",
+                ),
+                (
+                    "function gen_invoice_no(text) does not exist",
+                    "db.undefined_object",
+                ),
+                (
+                    "permission denied for table invoices",
+                    "db.insufficient_privilege",
+                ),
+            ] {
+                let h = HandlerError::from(db(DatabaseErrorKind::Unknown, message));
+                assert_eq!(h.code(), code, "{message}");
+                assert!(h.is_deployment(), "{message}");
+            }
+            let read_only = HandlerError::from(db(
+                DatabaseErrorKind::ReadOnlyTransaction,
+                "cannot execute INSERT in a read-only transaction",
+            ));
+            assert!(read_only.is_deployment());
+            let data = HandlerError::from(db(
+                DatabaseErrorKind::Unknown,
+                r#"invalid input syntax for type integer: "x""#,
+            ));
+            assert!(
+                !data.is_deployment(),
+                "the message's own data is its failure"
+            );
         }
 
         #[test]

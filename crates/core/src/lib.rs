@@ -33,6 +33,6 @@ pub use contract::{
     is_traceparent,
 };
 pub use decision::{Classifier, Decision, DefaultClassifier, Reason};
-pub use error::{ErrorKind, HandlerError};
+pub use error::{DEPLOYMENT_ERROR_CODES, ErrorKind, HandlerError};
 pub use redact::{RedactedUrl, redact_url};
 pub use retry::{RetryPolicy, RetryPolicyError, tier_label};

@@ -603,11 +603,29 @@ impl<H: Handler> InboxProcessor<H> {
 
     /// What the runtime does with one message's outcome.
     fn decide(&self, result: Result<Outcome, oncely_core::HandlerError>, attempt: u32) -> Decision {
-        self.database.up();
         match result {
-            Ok(Outcome::Processed { .. }) => Decision::Ack,
-            Ok(Outcome::Duplicate) => Decision::AckDuplicate,
+            Ok(Outcome::Processed { .. }) => {
+                self.database.up();
+                Decision::Ack
+            }
+            Ok(Outcome::Duplicate) => {
+                self.database.up();
+                Decision::AckDuplicate
+            }
+            // The schema or the database's role does not fit the code yet (a deploy that started
+            // before its migration, a demoted primary): not the message's fault. Readiness says
+            // so, and the runtime holds the message until the database is fit.
+            Err(error) if error.is_deployment() => {
+                self.database.down();
+                tracing::warn!(
+                    code = error.code(),
+                    error = error.message(),
+                    "the database does not fit this service (a missing table, column or function, a missing privilege, or read-only): holding the message"
+                );
+                Decision::requeue(error.code().to_owned(), error.message().to_owned())
+            }
             Err(error) => {
+                self.database.up();
                 tracing::info!(
                     kind = error.kind().as_str(),
                     code = error.code(),
