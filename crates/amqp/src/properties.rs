@@ -2,7 +2,7 @@
 
 use crate::transport::{INVALID_UTF8_HEADER, UNREADABLE_HEADERS_HEADER};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use oncely_core::{HeaderValue, RawMetadata, Reason, headers};
 
 const CONTRACT_HEADERS: [&str; 5] = [
@@ -46,6 +46,7 @@ pub fn raw_metadata(
         redelivered,
         body_len,
         invalid_utf8: invalid_utf8_fields(properties),
+        delivery_count: read_delivery_count(properties),
         unreadable_headers: properties
             .headers()
             .as_ref()
@@ -71,6 +72,23 @@ fn invalid_utf8_fields(properties: &BasicProperties) -> Vec<String> {
         Some(_) => vec![INVALID_UTF8_HEADER.to_owned()],
     }
 }
+
+/// The broker's `x-delivery-count` header (quorum queues, from the second delivery on): how
+/// many times the message was handed out before. Any integer type is read; anything else is
+/// taken as absent.
+pub fn read_delivery_count(properties: &BasicProperties) -> Option<u64> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(DELIVERY_COUNT))
+        .and_then(|v| match header_value(v) {
+            HeaderValue::Integer(n) => u64::try_from(n).ok(),
+            _ => None,
+        })
+}
+
+/// The header a quorum queue counts earlier deliveries in.
+const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// The `x-oncely-attempt` header as a number, 1 when absent or unreadable.
 pub fn read_attempt(properties: &BasicProperties) -> u32 {
@@ -124,7 +142,14 @@ pub(crate) struct CopyHeaders<'a> {
 
 /// The original's properties (same message id and everything else) with oncely's headers.
 pub(crate) fn copy_properties(original: &BasicProperties, h: CopyHeaders<'_>) -> BasicProperties {
-    let mut table = original.headers().clone().unwrap_or_default();
+    // The broker's count belongs to the original's life in its queue: a copy that kept it would
+    // come back from a delay queue (or a DLQ replay) already at oncely's delivery limit.
+    let mut table = FieldTable::default();
+    for (name, value) in original.headers().iter().flat_map(|t| t.inner()) {
+        if name.as_str() != DELIVERY_COUNT {
+            table.insert(name.clone(), value.clone());
+        }
+    }
     let long = |s: &str| AMQPValue::LongString(LongString::from(s));
     table.insert(
         headers::ATTEMPT.into(),
@@ -246,7 +271,11 @@ mod tests {
 
     #[test]
     fn copies_keep_the_message_id_and_carry_reason_headers() {
-        let p = props_with(vec![("tenant_id", AMQPValue::LongString("t-1".into()))]);
+        let p = props_with(vec![
+            ("tenant_id", AMQPValue::LongString("t-1".into())),
+            ("x-delivery-count", AMQPValue::LongLongInt(7)),
+        ]);
+        assert_eq!(read_delivery_count(&p), Some(7));
         let reason = Reason::new("db.unique_violation", "x".repeat(5000));
         let copy = copy_properties(
             &p,
@@ -274,5 +303,11 @@ mod tests {
         }
         assert!(get("x-oncely-failed-at").is_some());
         assert_eq!(get("tenant_id"), Some(AMQPValue::LongString("t-1".into())));
+        assert_eq!(
+            get("x-delivery-count"),
+            None,
+            "the broker's count stays behind"
+        );
+        assert_eq!(read_delivery_count(&BasicProperties::default()), None);
     }
 }
