@@ -15,9 +15,11 @@ pub use shutdown::shutdown_signal;
 
 pub use diesel_async::AsyncPgConnection;
 pub use oncely_amqp::{
-    AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, FaultInjection,
-    OutgoingMessage, Processed, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology,
-    caused_by, close_channel, close_connection, connect, current_cause, open_connection,
+    AmqpError, BROKER_DELIVERY_LIMIT_MARGIN, Backoff, ConfirmPublisher, ConsumerStats,
+    DEFAULT_DELIVERY_LIMIT, DelayQueue, FaultInjection, NO_DELIVERY_LIMIT, OutgoingMessage,
+    Processed, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology, broker_urls,
+    caused_by, close_channel, close_connection, connect, current_cause, node_of, open_connection,
+    read_delivery_count,
 };
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
