@@ -150,27 +150,48 @@ rabbitmq4_prepare() {
 ensure_rabbitmq4() {
   rabbitmq4_prepare || return 1
   local started=$SECONDS
-  rabbitmq4_start_node rabbit4 5673 || return 1
-  rabbitmq4_wait_node rabbit4@localhost || return 1
-  (( SECONDS - started > 1 )) && say "RabbitMQ 4 node up in $(( SECONDS - started )) s"
+  if ! rabbitmq4_ping rabbit4@localhost; then
+    rabbitmq4_start_node rabbit4 5673 || return 1
+    rabbitmq4_wait_node rabbit4@localhost || return 1
+    say "RabbitMQ 4 node up in $(( SECONDS - started )) s"
+  fi
   echo "amqp://guest:guest@127.0.0.1:5673/%2f"
 }
 
 ONCELY_RABBITMQ4_CLUSTER=(rabbit4a:5674 rabbit4b:5675 rabbit4c:5676)
 
+# The cluster's AMQP URLs, comma-separated.
+rabbitmq4_cluster_urls() {
+  local entry urls=()
+  for entry in "${ONCELY_RABBITMQ4_CLUSTER[@]}"; do urls+=("amqp://guest:guest@127.0.0.1:${entry##*:}/%2f"); done
+  local IFS=,
+  echo "${urls[*]}"
+}
+
+# Whether the first node reports all three nodes running, in one rabbitmqctl call.
+rabbitmq4_cluster_running() {
+  local status entry
+  status=$(rabbitmq4_ctl rabbit4a@localhost cluster_status --formatter json 2>/dev/null) || return 1
+  status=${status#*\"running_nodes\":[}
+  status=${status%%]*}
+  for entry in "${ONCELY_RABBITMQ4_CLUSTER[@]}"; do
+    [[ $status == *"\"${entry%%:*}@localhost\""* ]] || return 1
+  done
+}
+
 ensure_rabbitmq4_cluster() {
   rabbitmq4_prepare || return 1
-  local started=$SECONDS entry name port first=rabbit4a@localhost urls=()
+  if rabbitmq4_cluster_running; then rabbitmq4_cluster_urls; return 0; fi
+  local started=$SECONDS entry name port first=rabbit4a@localhost
   # Started together: a node of a cluster that stopped as a whole waits for its peers at boot.
   for entry in "${ONCELY_RABBITMQ4_CLUSTER[@]}"; do
     rabbitmq4_start_node "${entry%%:*}" "${entry##*:}" || return 1
   done
   for entry in "${ONCELY_RABBITMQ4_CLUSTER[@]}"; do
-    name=${entry%%:*}; port=${entry##*:}
+    name=${entry%%:*}
     rabbitmq4_wait_node "$name@localhost" || return 1
     # A node left stopped by an interrupted test (stop_app) is brought back.
     rabbitmq4_ctl "$name@localhost" start_app >/dev/null 2>&1 || true
-    urls+=("amqp://guest:guest@127.0.0.1:$port/%2f")
   done
   for entry in "${ONCELY_RABBITMQ4_CLUSTER[@]:1}"; do
     name=${entry%%:*}
@@ -182,9 +203,8 @@ ensure_rabbitmq4_cluster() {
       rabbitmq4_ctl "$name@localhost" start_app >/dev/null
     fi
   done
-  (( SECONDS - started > 1 )) && say "RabbitMQ 4 cluster up in $(( SECONDS - started )) s"
-  local IFS=,
-  echo "${urls[*]}"
+  say "RabbitMQ 4 cluster up in $(( SECONDS - started )) s"
+  rabbitmq4_cluster_urls
 }
 
 # Signals only processes whose root directory is the chroot.
