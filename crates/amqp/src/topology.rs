@@ -362,8 +362,9 @@ impl Topology {
             return detail;
         }
         let missing = |arg: &str| {
+            // "but current is none" (3.x, 4.x), worded "current value" by some versions.
             detail.contains(&format!("inequivalent arg '{arg}'"))
-                && detail.contains("current value is none")
+                && (detail.contains("current is none") || detail.contains("current value is none"))
         };
         let hint = "see docs/cluster.md, \"Migrating a queue declared without them\" (rabbitmqctl set_policy)";
         if missing("x-dead-letter-exchange") {
