@@ -207,7 +207,15 @@ impl Topology {
         // It exists: declaring it with our arguments changes nothing when they match and is
         // refused (406, naming the argument, closing the channel) when they do not.
         match self.declare_queue(&channel, name, self.args_of(name)).await {
-            Err(e) => Ok(Some(self.explain_conflict(name, e.to_string()))),
+            Err(e @ AmqpError::TopologyConflict { .. }) => {
+                Ok(Some(match self.type_conflict(connection, name).await {
+                    Some(detail) => format!(
+                        "queue or exchange {name:?} already exists with different arguments: {detail}"
+                    ),
+                    None => self.explain_conflict(name, e.to_string()),
+                }))
+            }
+            Err(e) => Ok(Some(e.to_string())),
             Ok(()) => {
                 crate::close_channel(&channel, 200, "checked").await;
                 Ok(None)
@@ -247,7 +255,40 @@ impl Topology {
         if channel.status().connected() {
             crate::close_channel(&channel, 200, "topology declared").await;
         }
-        result
+        match result {
+            Err(AmqpError::TopologyConflict { name, detail }) => {
+                let detail = self
+                    .type_conflict(connection, &name)
+                    .await
+                    .unwrap_or(detail);
+                Err(AmqpError::TopologyConflict { name, detail })
+            }
+            other => other,
+        }
+    }
+
+    /// The broker names the first differing argument in its own order, in which the dead-letter
+    /// arguments come before `x-queue-type`: when the queue type is what differs, that is the
+    /// difference worth naming. Declares `name` with its type alone (a no-op when the type
+    /// matches) and returns the broker's refusal when it names `x-queue-type`.
+    async fn type_conflict(&self, connection: &Connection, name: &str) -> Option<String> {
+        let channel = connection.create_channel().await.ok()?;
+        let probe = tokio::time::timeout(
+            CHECK_TIMEOUT,
+            self.declare_queue(&channel, name, self.type_args()),
+        )
+        .await;
+        if channel.status().connected() {
+            crate::close_channel(&channel, 200, "queue type checked").await;
+        }
+        match probe {
+            Ok(Err(AmqpError::TopologyConflict { detail, .. }))
+                if detail.contains("x-queue-type") =>
+            {
+                Some(detail)
+            }
+            _ => None,
+        }
     }
 
     async fn declare_on(&self, channel: &Channel) -> Result<()> {
