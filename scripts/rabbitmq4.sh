@@ -155,6 +155,11 @@ ensure_rabbitmq4() {
     rabbitmq4_wait_node rabbit4@localhost || return 1
     say "RabbitMQ 4 node up in $(( SECONDS - started )) s"
   fi
+  if ! rabbitmq4_ctl rabbit4@localhost list_queues name >/dev/null 2>&1; then
+    say "the RabbitMQ 4 node is not healthy: starting it afresh"
+    rabbitmq4_wipe_nodes rabbit4
+    rabbitmq4_start_node rabbit4 5673 && rabbitmq4_wait_node rabbit4@localhost || return 1
+  fi
   echo "amqp://guest:guest@127.0.0.1:5673/%2f"
 }
 
@@ -179,10 +184,38 @@ rabbitmq4_cluster_running() {
   done
 }
 
+# Whether every node of the cluster runs and answers for its queues (a node whose data was hurt,
+# by a full disk say, runs without its tables).
+rabbitmq4_cluster_healthy() {
+  rabbitmq4_cluster_running || return 1
+  local entry
+  for entry in "${ONCELY_RABBITMQ4_CLUSTER[@]}"; do
+    rabbitmq4_ctl "${entry%%:*}@localhost" list_queues name >/dev/null 2>&1 || return 1
+  done
+}
+
+# Stops the named nodes and deletes their data: they hold test queues only.
+rabbitmq4_wipe_nodes() {
+  local name
+  for name in "$@"; do
+    rabbitmq4_stop_node "$name@localhost"
+    rm -rf --one-file-system "$ONCELY_RABBITMQ4_ROOT/var/lib/rabbitmq/mnesia/$name@localhost" \
+      "$ONCELY_RABBITMQ4_ROOT/var/lib/rabbitmq/mnesia/$name@localhost-"*
+  done
+}
+
 ensure_rabbitmq4_cluster() {
   rabbitmq4_prepare || return 1
-  if rabbitmq4_cluster_running; then rabbitmq4_cluster_urls; return 0; fi
-  local started=$SECONDS entry name port first=rabbit4a@localhost
+  if rabbitmq4_cluster_healthy; then rabbitmq4_cluster_urls; return 0; fi
+  if rabbitmq4_start_cluster && rabbitmq4_cluster_healthy; then rabbitmq4_cluster_urls; return 0; fi
+  say "the RabbitMQ 4 cluster is not healthy: starting it afresh"
+  rabbitmq4_wipe_nodes "${ONCELY_RABBITMQ4_CLUSTER[@]%%:*}"
+  rabbitmq4_start_cluster && rabbitmq4_cluster_healthy || { say "the RabbitMQ 4 cluster did not come up"; return 1; }
+  rabbitmq4_cluster_urls
+}
+
+rabbitmq4_start_cluster() {
+  local started=$SECONDS entry name first=rabbit4a@localhost
   # Started together: a node of a cluster that stopped as a whole waits for its peers at boot.
   for entry in "${ONCELY_RABBITMQ4_CLUSTER[@]}"; do
     rabbitmq4_start_node "${entry%%:*}" "${entry##*:}" || return 1
@@ -204,7 +237,6 @@ ensure_rabbitmq4_cluster() {
     fi
   done
   say "RabbitMQ 4 cluster up in $(( SECONDS - started )) s"
-  rabbitmq4_cluster_urls
 }
 
 # Signals only processes whose root directory is the chroot.

@@ -155,7 +155,9 @@ async fn a_message_that_keeps_crashing_the_consumer_reaches_the_dlq_with_oncelys
         return;
     };
     const LIMIT: u32 = 3;
-    let h = Harness::on_broker(&url, &[], |t| {
+    // The default policy's tiers: the consumer declares them, the harness deletes them.
+    let tiers = oncely::RetryPolicy::default().tiers().to_vec();
+    let h = Harness::on_broker(&url, &tiers, |t| {
         t.queue_type(QueueType::Quorum).delivery_limit(LIMIT)
     })
     .await;
@@ -228,7 +230,8 @@ async fn a_message_that_keeps_crashing_the_consumer_reaches_the_dlq_with_oncelys
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_order_replicas_share_a_queue_with_one_active_consumer() {
     // On the machine's broker: x-single-active-consumer works the same on 3.x and 4.x.
-    let h = Harness::on_broker(&amqp_url(), &[], |t| t.single_active_consumer(true)).await;
+    let tiers = oncely::RetryPolicy::default().tiers().to_vec();
+    let h = Harness::on_broker(&amqp_url(), &tiers, |t| t.single_active_consumer(true)).await;
     let first = h.start(h.consumer(create_invoice).strict_order().build());
     wait_until(
         "the first replica consumes",
@@ -368,7 +371,12 @@ async fn consumers_given_every_node_survive_losing_their_node_and_the_queue_lead
     for (_, node) in CLUSTER {
         before.insert(node, rabbitmq4_dead_letter_counters(node).await);
     }
-    let running = h.start(h.consumer(unhurried_invoice).concurrency(4).build());
+    let running = h.start(
+        h.consumer(unhurried_invoice)
+            .retry_policy(oncely::RetryPolicy::new(5, vec![Duration::from_secs(1)]))
+            .concurrency(4)
+            .build(),
+    );
     let mut published = 0;
     for (round, victim) in ["the consumer's node", "the queue's leader"]
         .into_iter()
