@@ -329,17 +329,17 @@ impl Drop for Restart {
     }
 }
 
-/// Stops `node`'s RabbitMQ application (its listeners, connections and queue replicas go; the
-/// Erlang VM stays), waits for `done` to hold, then starts it again and waits until the three
-/// nodes run.
-async fn with_node_down<F, Fut>(node: &'static str, what: &str, done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
+/// Stops `node`'s RabbitMQ application: its listeners, connections and queue replicas go (the
+/// Erlang VM stays). Dropping the guard starts it again, even when the test fails.
+async fn stop_app(node: &'static str) -> Restart {
     let restart = Restart(node);
     rabbitmq4ctl(node, &["stop_app"]).await;
-    wait_until(what, Duration::from_secs(120), done).await;
+    restart
+}
+
+/// Starts the stopped node again and waits until the three nodes run, as the cluster was.
+async fn bring_back(restart: Restart) {
+    let node = restart.0;
     drop(restart);
     rabbitmq4ctl(node, &["await_startup"]).await;
     let other = CLUSTER
@@ -355,6 +355,28 @@ where
             == Some(3)
     })
     .await;
+}
+
+/// Publishes `order` with `producer`, trying again as a service (or the outbox relay) would
+/// when the connection it had was on a node that went.
+async fn publish_with_retries(producer: &oncely::Publisher, exchange: &str, order: &OrderCreated) {
+    let (body, properties) = billing::order_message(order);
+    let mut last = None;
+    for _ in 0..5 {
+        let sent = producer
+            .publish(oncely::OutgoingMessage {
+                exchange,
+                routing_key: billing::ORDER_CREATED_V1,
+                body: &body,
+                properties: properties.clone(),
+            })
+            .await;
+        match sent {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("publishing {} failed: {last:?}", order.order_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +399,15 @@ async fn consumers_given_every_node_survive_losing_their_node_and_the_queue_lead
             .concurrency(4)
             .build(),
     );
-    let mut published = 0;
+    const EXTRA: usize = 50;
+    let producer = oncely::Publisher::new(
+        urls.clone(),
+        format!("{}-producer", h.name),
+        oncely::PublisherOptions::default(),
+    );
+    // Connected before any node goes.
+    publish_with_retries(&producer, h.topology.exchange(), &order(&h.name, 0)).await;
+    let mut published = 1;
     for (round, victim) in ["the consumer's node", "the queue's leader"]
         .into_iter()
         .enumerate()
@@ -416,13 +446,22 @@ async fn consumers_given_every_node_survive_losing_their_node_and_the_queue_lead
                 .expect("the queue has a leader")
         };
         eprintln!("stopping {node} ({victim}) mid-stream");
-        let h_ref = &h;
-        with_node_down(
-            node,
+        let restart = stop_app(node).await;
+        // A publisher given every node publishes while one is down (its connection may have
+        // been on it).
+        for n in 1..=EXTRA {
+            let o = order(&format!("{}-p{round}", h.name), n);
+            publish_with_retries(&producer, h.topology.exchange(), &o).await;
+        }
+        published += EXTRA;
+        let target = published as i64;
+        wait_until(
             "every order invoiced with a node down",
-            || async move { h_ref.invoices().await >= target },
+            Duration::from_secs(120),
+            || async { h.invoices().await >= target },
         )
         .await;
+        bring_back(restart).await;
         // The harness's own connection may have been on the stopped node.
         let connection = Arc::new(
             oncely::connect(
@@ -436,6 +475,7 @@ async fn consumers_given_every_node_survive_losing_their_node_and_the_queue_lead
         h.publisher = oncely::ConfirmPublisher::new(connection.clone(), Duration::from_secs(5));
         h.connection = connection;
     }
+    producer.close().await;
     let stats = running.stats();
     running.stop().await.expect("clean stop");
     assert!(stats.reconnects >= 1, "the consumer failed over: {stats:?}");
