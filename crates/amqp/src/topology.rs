@@ -272,6 +272,11 @@ impl Topology {
     /// difference worth naming. Declares `name` with its type alone (a no-op when the type
     /// matches) and returns the broker's refusal when it names `x-queue-type`.
     async fn type_conflict(&self, connection: &Connection, name: &str) -> Option<String> {
+        // Only for an existing queue of this topology: the name of a refused exchange or binding
+        // must never become a queue.
+        if !self.queues().iter().any(|q| q == name) {
+            return None;
+        }
         let channel = connection.create_channel().await.ok()?;
         let probe = tokio::time::timeout(
             CHECK_TIMEOUT,
