@@ -28,6 +28,66 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The broker URL(s) in `var` (exported by `./scripts/test`: `ONCELY_RABBITMQ4_URL`,
+/// `ONCELY_CLUSTER_URLS`), for tests that need a broker the machine may not have. `None` means
+/// "skip": only when the variable is absent outside CI. Under CI (`CI` set, as `.ci/run` does)
+/// a missing broker fails the test instead of skipping it silently.
+pub fn broker_from_env(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{var} is not set under CI: ./scripts/test starts that broker and exports it")
+        }
+        _ => {
+            eprintln!("skipped: {var} is not set (./scripts/test starts that broker and sets it)");
+            None
+        }
+    }
+}
+
+/// `rabbitmqctl ARGS` on `node`, one of the RabbitMQ 4 nodes `scripts/rabbitmq4.sh` runs in its
+/// chroot (through `scripts/rabbitmq4ctl`); its standard output. Fails the test when the command
+/// fails.
+pub async fn rabbitmq4ctl(node: &str, args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/rabbitmq4ctl");
+    let mut command = std::process::Command::new(script);
+    command.arg(node).args(args);
+    let shown = format!("rabbitmq4ctl {node} {}", args.join(" "));
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("rabbitmq4ctl task")
+        .unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        output.status.success(),
+        "{shown}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Messages a RabbitMQ node dead-lettered to nowhere or at most once (dropped, or possibly
+/// dropped), and quorum messages the broker itself dead-lettered for their delivery limit, from
+/// `rabbit_global_counters`: (dropped or at most once, broker delivery-limit dead letters).
+pub async fn rabbitmq4_dead_letter_counters(node: &str) -> (u64, u64) {
+    const EXPR: &str = "maps:fold(fun(K, V, {Lost, Limit}) -> \
+        Strategy = proplists:get_value(dead_letter_strategy, K), \
+        Sum = lists:sum(maps:values(V)) - maps:get(messages_dead_lettered_confirmed_total, V, 0), \
+        L = case Strategy of disabled -> Sum; at_most_once -> Sum; _ -> 0 end, \
+        D = case Strategy of undefined -> 0; _ -> maps:get(messages_dead_lettered_delivery_limit_total, V, 0) end, \
+        {Lost + L, Limit + D} end, {0, 0}, rabbit_global_counters:overview()).";
+    let out = rabbitmq4ctl(node, &["eval", EXPR]).await;
+    let numbers: Vec<u64> = out
+        .trim()
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    match numbers[..] {
+        [lost, limit] => (lost, limit),
+        _ => panic!("unexpected counters from {node}: {out}"),
+    }
+}
+
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -79,6 +139,8 @@ pub struct Harness {
     pub inbox: Inbox,
     /// Exchange and queues of this test.
     pub topology: Topology,
+    /// The broker URL (or comma-separated URLs) of this test.
+    pub amqp_url: String,
     /// Connection for publishing and inspecting queues.
     pub connection: Arc<Connection>,
     /// Confirmed publisher on that connection.
@@ -90,16 +152,28 @@ pub struct Harness {
 impl Harness {
     /// A harness whose queue has delay queues for `tiers`.
     pub async fn new(tiers: &[Duration]) -> Harness {
+        Harness::on_broker(&amqp_url(), tiers, |t| t).await
+    }
+
+    /// A harness on the broker at `url` (one URL or a comma-separated list of cluster nodes),
+    /// its topology adjusted by `topology` (queue type, delivery limit) before it is declared.
+    pub async fn on_broker(
+        url: &str,
+        tiers: &[Duration],
+        topology: impl FnOnce(Topology) -> Topology,
+    ) -> Harness {
         init_tracing();
         let schema = TestSchema::create().await.expect("create test schema");
         billing::migrate(schema.url()).await.expect("migrations");
         let pool = oncely::connect_pool(schema.url(), &PoolOptions::default());
         let name = unique_name("t");
-        let topology = Topology::new(format!("oncely.test.{name}"), format!("billing.{name}.q"))
-            .bind(ORDER_CREATED_V1)
-            .retry_tiers(tiers);
+        let topology = topology(
+            Topology::new(format!("oncely.test.{name}"), format!("billing.{name}.q"))
+                .bind(ORDER_CREATED_V1)
+                .retry_tiers(tiers),
+        );
         let connection = Arc::new(
-            oncely::connect(&amqp_url(), &format!("{name}-harness"), Default::default())
+            oncely::connect(url, &format!("{name}-harness"), Default::default())
                 .await
                 .expect("connect to RabbitMQ"),
         );
@@ -114,6 +188,7 @@ impl Harness {
             inbox: Inbox::new(pool.clone()),
             pool,
             topology,
+            amqp_url: url.to_owned(),
             connection,
             publisher,
             more_topologies: Default::default(),
@@ -182,7 +257,7 @@ impl Harness {
     /// A consumer builder wired to this test's inbox, broker and topology.
     pub fn consumer<H: Handler>(&self, handler: H) -> ConsumerBuilder<H> {
         Consumer::builder(handler, self.inbox.clone())
-            .amqp_url(amqp_url())
+            .amqp_url(self.amqp_url.clone())
             .topology(self.topology.clone())
             .connection_name(self.consumer_connection_name())
     }
@@ -416,7 +491,7 @@ fn close_connections_named(name: &str) -> usize {
 impl Drop for Harness {
     fn drop(&mut self) {
         let t = self.topology.clone();
-        let url = amqp_url();
+        let url = self.amqp_url.clone();
         let mut queues = Vec::new();
         let more = self
             .more_topologies
@@ -428,7 +503,12 @@ impl Drop for Harness {
             queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
         }
         oncely::testing::block_on_thread(async move {
-            let Ok(conn) = oncely::open_connection(&url, Default::default()).await else {
+            // Any node of a cluster will do (the one the test used may be down).
+            let once = oncely::Backoff {
+                max_attempts: Some(1),
+                ..oncely::Backoff::default()
+            };
+            let Ok(conn) = oncely::connect(&url, "cleanup", once).await else {
                 return;
             };
             if let Ok(channel) = conn.create_channel().await {

@@ -255,7 +255,11 @@ async fn first_order_flaky(
 }
 
 async fn invoice_order_after_a_retry(strict: bool) -> Vec<String> {
-    let h = Harness::new(&tiers()).await;
+    // A strict-order queue is declared with x-single-active-consumer.
+    let h = Harness::on_broker(&oncely_e2e::amqp_url(), &tiers(), |t| {
+        t.single_active_consumer(strict)
+    })
+    .await;
     for n in 0..3 {
         h.publish_order(&order(&h.name, n)).await;
     }

@@ -58,28 +58,89 @@ impl Backoff {
     }
 }
 
-/// Connects to `url`, retrying with `backoff`. The connection is named `name` in the broker's
-/// management views.
+/// The broker URLs of an `AMQP_URL`-style setting: one URL, or several separated by commas
+/// (the nodes of a cluster), blanks ignored.
+///
+/// ```
+/// let urls = oncely_amqp::broker_urls("amqp://a:5672/%2f, amqp://b:5672/%2f,");
+/// assert_eq!(urls, ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]);
+/// ```
+pub fn broker_urls(spec: &str) -> Vec<&str> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+/// The order in which one attempt tries `count` hosts: all of them, starting at `first` (drawn
+/// at random, so that the clients of a cluster spread over its nodes) and going round.
+fn host_order(count: usize, first: usize) -> impl Iterator<Item = usize> {
+    (0..count).map(move |i| (first + i) % count.max(1))
+}
+
+/// `host:port` of an AMQP URL, for connection names and logs; the URL redacted when it cannot
+/// be parsed.
+pub fn node_of(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => redact_url(url),
+    }
+}
+
+/// Connects to `url`, retrying with `backoff`. The connection is named `name@host:port` in the
+/// broker's management views, after the node it reached.
+///
+/// `url` may list several nodes separated by commas ([`broker_urls`]): each attempt tries all
+/// of them, starting at one picked at random, and the next attempt, after the jittered
+/// backoff, goes round again. A consumer, publisher or relay that loses its connection calls
+/// this again, and so fails over to another node.
 pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connection> {
+    let urls = broker_urls(url);
+    if urls.is_empty() {
+        return Err(AmqpError::Connect {
+            url: String::new(),
+            attempts: 0,
+            source: lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no RabbitMQ URL given",
+            )),
+        });
+    }
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        match crate::transport::open_connection(url, properties).await {
-            Ok(connection) => return Ok(connection),
-            Err(source) => {
-                if backoff.max_attempts.is_some_and(|max| attempt >= max) {
-                    return Err(AmqpError::Connect {
-                        url: redact_url(url),
-                        attempts: attempt,
-                        source,
-                    });
+        let mut last_error = None;
+        for index in host_order(urls.len(), fastrand::usize(..urls.len())) {
+            let url = urls[index];
+            let node = node_of(url);
+            let properties = ConnectionProperties::default()
+                .with_connection_name(format!("{name}@{node}").into());
+            match crate::transport::open_connection(url, properties).await {
+                Ok(connection) => {
+                    if urls.len() > 1 {
+                        tracing::info!(url = %redact_url(url), connection = %format!("{name}@{node}"), "connected to RabbitMQ");
+                    }
+                    return Ok(connection);
                 }
-                let delay = backoff.jittered(attempt - 1, fastrand::f64());
-                tracing::warn!(url = %redact_url(url), attempt, ?delay, error = %source, "RabbitMQ connection failed, retrying");
-                tokio::time::sleep(delay).await;
+                Err(source) => {
+                    if urls.len() > 1 {
+                        tracing::warn!(url = %redact_url(url), error = %source, "RabbitMQ node unreachable, trying the next one");
+                    }
+                    last_error = Some(source);
+                }
             }
         }
+        let Some(source) = last_error else { continue };
+        if backoff.max_attempts.is_some_and(|max| attempt >= max) {
+            return Err(AmqpError::Connect {
+                url: redact_url(url),
+                attempts: attempt,
+                source,
+            });
+        }
+        let delay = backoff.jittered(attempt - 1, fastrand::f64());
+        tracing::warn!(url = %redact_url(url), attempt, ?delay, error = %source, "RabbitMQ connection failed, retrying");
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -100,6 +161,47 @@ pub async fn close_channel(channel: &lapin::Channel, code: u16, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_urls_is_split_on_commas_and_blanks_are_ignored() {
+        assert_eq!(broker_urls("amqp://h/%2f"), ["amqp://h/%2f"]);
+        assert_eq!(
+            broker_urls(" amqp://a/%2f ,,amqp://b/%2f , amqp://c/%2f"),
+            ["amqp://a/%2f", "amqp://b/%2f", "amqp://c/%2f"]
+        );
+        assert!(broker_urls(" , ").is_empty());
+    }
+
+    #[test]
+    fn every_attempt_tries_every_host_once_from_the_first_picked() {
+        assert_eq!(host_order(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(host_order(3, 2).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(host_order(1, 0).collect::<Vec<_>>(), [0]);
+        // Random starts spread the clients over every node.
+        let mut seen = [0; 3];
+        for _ in 0..300 {
+            seen[host_order(3, fastrand::usize(..3)).next().unwrap_or(0)] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn nodes_are_named_by_host_and_port_without_credentials() {
+        assert_eq!(
+            node_of("amqp://u:secret@10.0.0.2:5674/%2f"),
+            "10.0.0.2:5674"
+        );
+        assert_eq!(node_of("amqp://rabbit-1/%2f"), "rabbit-1:5672");
+        assert!(!node_of("amqp://u:secret@[bad").contains("secret"));
+    }
+
+    #[tokio::test]
+    async fn an_empty_list_is_an_error_not_a_hang() {
+        let err = connect(" , ", "t", Backoff::default())
+            .await
+            .expect_err("no url");
+        assert!(err.to_string().contains("no RabbitMQ URL"), "{err}");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -29,7 +29,7 @@ mod topology;
 mod transport;
 
 pub use cause::{caused_by, current_cause, with_cause};
-pub use connection::{Backoff, close_channel, close_connection, connect};
+pub use connection::{Backoff, broker_urls, close_channel, close_connection, connect, node_of};
 #[cfg(feature = "failpoints")]
 pub use consumer::FaultInjection;
 pub use consumer::{
@@ -38,11 +38,13 @@ pub use consumer::{
 };
 pub use error::{AmqpError, Result};
 pub use producer::{DelayQueue, Publisher};
-pub use properties::{raw_metadata, read_attempt};
+pub use properties::{raw_metadata, read_attempt, read_delivery_count};
 pub use publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
 pub use reconnect::ReconnectBackoff;
 pub use stats::{ConsumerStats, StatsSnapshot};
-pub use topology::{QueueType, Topology};
+pub use topology::{
+    BROKER_DELIVERY_LIMIT_MARGIN, DEFAULT_DELIVERY_LIMIT, NO_DELIVERY_LIMIT, QueueType, Topology,
+};
 pub use transport::open_connection;
 
 /// The lapin version oncely is built on, re-exported so users name the same types.

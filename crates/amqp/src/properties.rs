@@ -2,7 +2,7 @@
 
 use crate::transport::{INVALID_UTF8_HEADER, UNREADABLE_HEADERS_HEADER};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use oncely_core::{HeaderValue, RawMetadata, Reason, headers};
 
 const CONTRACT_HEADERS: [&str; 5] = [
@@ -46,6 +46,7 @@ pub fn raw_metadata(
         redelivered,
         body_len,
         invalid_utf8: invalid_utf8_fields(properties),
+        delivery_count: read_delivery_count(properties),
         unreadable_headers: properties
             .headers()
             .as_ref()
@@ -71,6 +72,23 @@ fn invalid_utf8_fields(properties: &BasicProperties) -> Vec<String> {
         Some(_) => vec![INVALID_UTF8_HEADER.to_owned()],
     }
 }
+
+/// The broker's `x-delivery-count` header (quorum queues, from the second delivery on): how
+/// many times the message was handed out before. Any integer type is read; anything else is
+/// taken as absent.
+pub fn read_delivery_count(properties: &BasicProperties) -> Option<u64> {
+    properties
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(DELIVERY_COUNT))
+        .and_then(|v| match header_value(v) {
+            HeaderValue::Integer(n) => u64::try_from(n).ok(),
+            _ => None,
+        })
+}
+
+/// The header a quorum queue counts earlier deliveries in.
+const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// The `x-oncely-attempt` header as a number, 1 when absent or unreadable.
 pub fn read_attempt(properties: &BasicProperties) -> u32 {
@@ -122,9 +140,28 @@ pub(crate) struct CopyHeaders<'a> {
     pub final_copy: bool,
 }
 
+/// The original's headers without the broker's `x-delivery-count`: that count belongs to the
+/// original's life in its queue, and a copy that kept it would come back (from a delay queue, a
+/// DLQ replay, a republish of a held message) already at oncely's delivery limit.
+fn headers_for_a_copy(original: &BasicProperties) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in original.headers().iter().flat_map(|t| t.inner()) {
+        if name.as_str() != DELIVERY_COUNT {
+            table.insert(name.clone(), value.clone());
+        }
+    }
+    table
+}
+
+/// The original's properties unchanged but for the broker's delivery count: a held message
+/// republished to its queue's tail is the same message, starting its count afresh.
+pub(crate) fn republish_properties(original: &BasicProperties) -> BasicProperties {
+    original.clone().with_headers(headers_for_a_copy(original))
+}
+
 /// The original's properties (same message id and everything else) with oncely's headers.
 pub(crate) fn copy_properties(original: &BasicProperties, h: CopyHeaders<'_>) -> BasicProperties {
-    let mut table = original.headers().clone().unwrap_or_default();
+    let mut table = headers_for_a_copy(original);
     let long = |s: &str| AMQPValue::LongString(LongString::from(s));
     table.insert(
         headers::ATTEMPT.into(),
@@ -245,8 +282,28 @@ mod tests {
     }
 
     #[test]
+    fn a_republished_held_message_is_the_same_message_with_a_fresh_delivery_count() {
+        let p = props_with(vec![
+            ("tenant_id", AMQPValue::LongString("t-1".into())),
+            ("x-delivery-count", AMQPValue::LongLongInt(7)),
+        ]);
+        let again = republish_properties(&p);
+        assert_eq!(again.message_id(), p.message_id());
+        assert_eq!(read_delivery_count(&again), None);
+        let tenant = again
+            .headers()
+            .as_ref()
+            .and_then(|t| t.inner().get("tenant_id").cloned());
+        assert_eq!(tenant, Some(AMQPValue::LongString("t-1".into())));
+    }
+
+    #[test]
     fn copies_keep_the_message_id_and_carry_reason_headers() {
-        let p = props_with(vec![("tenant_id", AMQPValue::LongString("t-1".into()))]);
+        let p = props_with(vec![
+            ("tenant_id", AMQPValue::LongString("t-1".into())),
+            ("x-delivery-count", AMQPValue::LongLongInt(7)),
+        ]);
+        assert_eq!(read_delivery_count(&p), Some(7));
         let reason = Reason::new("db.unique_violation", "x".repeat(5000));
         let copy = copy_properties(
             &p,
@@ -274,5 +331,11 @@ mod tests {
         }
         assert!(get("x-oncely-failed-at").is_some());
         assert_eq!(get("tenant_id"), Some(AMQPValue::LongString("t-1".into())));
+        assert_eq!(
+            get("x-delivery-count"),
+            None,
+            "the broker's count stays behind"
+        );
+        assert_eq!(read_delivery_count(&BasicProperties::default()), None);
     }
 }

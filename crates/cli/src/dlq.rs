@@ -115,9 +115,16 @@ pub(crate) async fn list(
     Ok(())
 }
 
-/// The original's properties, marked as replayed, with a fresh attempt count.
+/// The original's properties, marked as replayed, with a fresh attempt count. The broker's
+/// `x-delivery-count` stays behind: a replayed message starts a new life in its queue, not at
+/// the delivery limit it was dead-lettered for.
 fn replayed(properties: &BasicProperties) -> BasicProperties {
-    let mut table = properties.headers().clone().unwrap_or_default();
+    let mut table = FieldTable::default();
+    for (name, value) in properties.headers().iter().flat_map(|t| t.inner()) {
+        if name.as_str() != "x-delivery-count" {
+            table.insert(name.clone(), value.clone());
+        }
+    }
     let count = match table.inner().get(REPLAY_COUNT) {
         Some(AMQPValue::LongLongInt(n)) => n + 1,
         _ => 1,

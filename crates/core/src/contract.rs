@@ -93,6 +93,9 @@ pub struct RawMetadata {
     /// Whether the headers table could not be read (unknown value type, bad length, nesting
     /// too deep); the transport kept its bytes aside.
     pub unreadable_headers: bool,
+    /// How many times the broker has handed this message out before (`x-delivery-count`,
+    /// quorum queues; absent on the first delivery).
+    pub delivery_count: Option<u64>,
 }
 
 /// Bounds the contract enforces; the defaults suit most deployments.
@@ -104,6 +107,12 @@ pub struct ContractLimits {
     pub max_header_bytes: usize,
     /// Largest accepted body, in bytes. Default 1 MiB.
     pub max_body_bytes: usize,
+    /// A delivery the broker has already handed out this many times
+    /// ([`RawMetadata::delivery_count`]) is dead-lettered with code `delivery_limit` before any
+    /// handler runs: a message that kept crashing the process, or kept coming back, reaches
+    /// `Q.dlq` with oncely's reason headers before the queue's own (higher) `x-delivery-limit`
+    /// would dead-letter it without them. `None` (the default): no limit.
+    pub max_deliveries: Option<u32>,
 }
 
 impl Default for ContractLimits {
@@ -112,6 +121,7 @@ impl Default for ContractLimits {
             max_message_id_bytes: 200,
             max_header_bytes: 200,
             max_body_bytes: 1024 * 1024,
+            max_deliveries: None,
         }
     }
 }
@@ -174,6 +184,15 @@ pub enum ContractViolation {
         "the headers table cannot be read (unknown value type, bad length or nesting too deep)"
     )]
     UnreadableHeaders,
+    /// The broker has handed this message out [`ContractLimits::max_deliveries`] times already
+    /// (it kept crashing the consumer or kept being given back).
+    #[error("delivered {count} times before, the limit is {limit}")]
+    DeliveryLimit {
+        /// Previous deliveries (`x-delivery-count`).
+        count: u64,
+        /// The limit.
+        limit: u32,
+    },
     /// The body is not valid JSON for the expected type.
     #[error("body does not decode into {type_name}: {error}")]
     UndecodableBody {
@@ -198,6 +217,8 @@ impl ContractViolation {
             ContractViolation::UndecodableBody { .. } => "contract.undecodable_body",
             ContractViolation::InvalidUtf8 { .. } => "contract.invalid_utf8",
             ContractViolation::UnreadableHeaders => "contract.unreadable_headers",
+            // The broker's own dead-letter reason for the same thing.
+            ContractViolation::DeliveryLimit { .. } => "delivery_limit",
         }
     }
 }
@@ -248,6 +269,11 @@ impl Metadata {
         }
         if raw.unreadable_headers {
             return Err(ContractViolation::UnreadableHeaders);
+        }
+        if let (Some(count), Some(limit)) = (raw.delivery_count, limits.max_deliveries)
+            && count >= u64::from(limit)
+        {
+            return Err(ContractViolation::DeliveryLimit { count, limit });
         }
         let message_id = match raw.message_id {
             None => return Err(ContractViolation::MissingMessageId),
@@ -544,6 +570,23 @@ mod tests {
             check(r).expect_err("violation").code(),
             "contract.unreadable_headers"
         );
+    }
+
+    #[test]
+    fn a_message_delivered_up_to_the_limit_is_dead_lettered_before_any_handler() {
+        let limits = ContractLimits {
+            max_deliveries: Some(3),
+            ..ContractLimits::default()
+        };
+        let mut r = raw("m-1");
+        r.delivery_count = Some(2);
+        assert!(Metadata::from_raw(r.clone(), &limits).is_ok());
+        r.delivery_count = Some(3);
+        let err = Metadata::from_raw(r.clone(), &limits).expect_err("over the limit");
+        assert_eq!(err.code(), "delivery_limit");
+        assert_eq!(err, ContractViolation::DeliveryLimit { count: 3, limit: 3 });
+        // Without a limit the count is only information.
+        assert!(check(r).is_ok());
     }
 
     #[test]

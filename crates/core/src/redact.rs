@@ -16,8 +16,49 @@ use std::fmt;
 /// assert_eq!(redact_url("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
 /// assert_eq!(redact_url("postgres://db/app?password=secret"), "postgres://db/app?password=***");
 /// assert_eq!(redact_url("host=db password='a b' user=app"), "host=db password=*** user=app");
+/// assert_eq!(
+///     redact_url("amqp://u:p,w@a:5672/%2f,amqp://u:q@b:5672/%2f"),
+///     "amqp://***@a:5672/%2f,amqp://***@b:5672/%2f"
+/// );
 /// ```
 pub fn redact_url(url: &str) -> String {
+    // A list of broker URLs (`amqp://a,amqp://b`): each one redacted.
+    let starts = list_starts(url);
+    if starts.len() > 1 {
+        let mut out = String::with_capacity(url.len());
+        for (i, (start, _)) in starts.iter().enumerate() {
+            let end = starts.get(i + 1).map_or(url.len(), |(_, comma)| *comma);
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&redact_one(&url[*start..end]));
+        }
+        return out;
+    }
+    redact_one(url)
+}
+
+/// Where each URL of a comma-separated list starts, with the comma before it: at 0 and after
+/// every comma followed by a `scheme://` (a comma inside a password or a query does not split).
+fn list_starts(url: &str) -> Vec<(usize, usize)> {
+    let mut starts = vec![(0, 0)];
+    for (comma, _) in url.match_indices(',') {
+        let next = url[comma + 1..].trim_start();
+        let offset = url.len() - next.len();
+        let scheme_len = next.find("://").filter(|n| {
+            *n > 0
+                && next[..*n]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        });
+        if scheme_len.is_some() {
+            starts.push((offset, comma));
+        }
+    }
+    starts
+}
+
+fn redact_one(url: &str) -> String {
     match url.find("://") {
         Some(scheme) => redact_uri(url, scheme + 3),
         None if url.contains('=') => redact_conninfo(url),

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [connections]
-//! amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+//! amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"   # or several nodes, comma-separated
 //! database_url = "postgres://postgres@127.0.0.1:5432/oncely"
 //!
 //! [consumers.billing]
@@ -12,12 +12,13 @@
 //! prefetch = 32
 //! concurrency = 8
 //! queue_type = "quorum"        # or "classic"
-//! delivery_limit = 20          # quorum only: broker-side poison guard
+//! delivery_limit = 20          # quorum only: oncely dead-letters at this x-delivery-count
+//!                              # (Q's x-delivery-limit is this + 10, the broker's backstop)
 //! max_attempts = 5
 //! retry_tiers = ["1s", "10s", "1m"]
 //! handler_timeout = "30s"
 //! max_delay = "1h"
-//! strict_order = false
+//! strict_order = false        # true: one delivery at a time, x-single-active-consumer on Q
 //! batch_size = 0               # > 0: batched mode, this many deliveries per transaction
 //! batch_wait = "20ms"          # batched mode: longest wait for a batch to fill
 //! ```
@@ -372,7 +373,8 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
         .transpose()?;
     let mut topology = Topology::new(raw.exchange, raw.queue)
         .queue_type(queue_type)
-        .retry_tiers(&tiers);
+        .retry_tiers(&tiers)
+        .single_active_consumer(raw.strict_order);
     for binding in raw.bindings {
         topology = topology.bind(binding);
     }

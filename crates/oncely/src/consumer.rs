@@ -314,6 +314,10 @@ impl<H: Handler> ConsumerBuilder<H> {
     /// up it is dead-lettered and the queue moves on: order holds among processed messages, and
     /// the dead-lettered one is out of it until replayed. Infrastructure failures give the message
     /// back to the head of the queue, which keeps the order.
+    ///
+    /// Across replicas: `Q` is declared with `x-single-active-consumer`, so of several processes
+    /// running this consumer the broker feeds one at a time, and the next takes over when it
+    /// goes (its unacked deliveries first).
     pub fn strict_order(mut self) -> Self {
         self.concurrency = Some(1);
         self.prefetch = Some(1);
@@ -376,12 +380,19 @@ impl<H: Handler> ConsumerBuilder<H> {
     pub fn build(self) -> Result<Consumer, BuildError> {
         let amqp_url = self.amqp_url.ok_or(BuildError::MissingAmqpUrl)?;
         let name = self.handler.consumer_name().to_owned();
-        let topology = self
+        let mut topology = self
             .topology
             .unwrap_or_else(|| Topology::new(name.clone(), format!("{name}.q")))
             .retry_tiers(self.policy.tiers());
+        if self.retry_in_place {
+            // Strict order across replicas: one consumer of the queue at a time.
+            topology = topology.single_active_consumer(true);
+        }
         let mut options = ConsumerOptions::new(name, amqp_url, topology.clone());
         options.limits = self.limits;
+        if options.limits.max_deliveries.is_none() {
+            options.limits.max_deliveries = topology.oncely_delivery_limit();
+        }
         if let Some(v) = self.connection_name {
             options.connection_name = v;
         }

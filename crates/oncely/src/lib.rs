@@ -19,9 +19,10 @@ pub use diesel_async::AsyncPgConnection;
 #[cfg(feature = "failpoints")]
 pub use oncely_amqp::FaultInjection;
 pub use oncely_amqp::{
-    AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, OutgoingMessage, Publisher,
-    PublisherOptions, QueueType, StatsSnapshot, Topology, caused_by, close_channel,
-    close_connection, connect, current_cause, open_connection,
+    AmqpError, BROKER_DELIVERY_LIMIT_MARGIN, Backoff, ConfirmPublisher, ConsumerStats,
+    DEFAULT_DELIVERY_LIMIT, DelayQueue, NO_DELIVERY_LIMIT, OutgoingMessage, Publisher,
+    PublisherOptions, QueueType, StatsSnapshot, Topology, broker_urls, caused_by, close_channel,
+    close_connection, connect, current_cause, node_of, open_connection, read_delivery_count,
 };
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,

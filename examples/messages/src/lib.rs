@@ -177,7 +177,8 @@ impl std::fmt::Display for CloseConnectionsError {
 impl std::error::Error for CloseConnectionsError {}
 
 /// Closes, from the broker's side (`rabbitmqctl close_connection`, as an operator or a broker
-/// failover would), every connection whose client-given name satisfies `matches`. Returns how
+/// failover would), every connection whose client-given name (without oncely's `@host:port`
+/// suffix) satisfies `matches`. Returns how
 /// many were closed. Needs `rabbitmqctl` on this machine, talking to the broker in use.
 pub fn close_connections_where(
     matches: impl Fn(&str) -> bool,
@@ -211,6 +212,8 @@ pub fn close_connections_where(
         else {
             continue;
         };
+        // oncely names a connection `NAME@host:port` after the node it reached.
+        let name = name.rsplit_once('@').map_or(name, |(base, _)| base);
         if !matches(name) {
             continue;
         }

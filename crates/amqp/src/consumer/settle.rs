@@ -279,7 +279,7 @@ async fn give_back(
                 exchange: "",
                 routing_key: shared.options.topology.queue(),
                 body: &delivery.data,
-                properties: delivery.properties.clone(),
+                properties: crate::properties::republish_properties(&delivery.properties),
             })
             .await;
         match republished {
