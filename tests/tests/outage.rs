@@ -10,7 +10,20 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_holds_deliveries_and_spends_no_delivery_count() {
-    let h = Harness::new(&[]).await;
+    outage_spends_no_delivery(&amqp_url()).await;
+}
+
+/// The same on RabbitMQ 4, whose quorum queues count every return toward their delivery limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_spends_no_delivery_count_on_rabbitmq4() {
+    let Some(url) = oncely_e2e::broker_from_env("ONCELY_RABBITMQ4_URL") else {
+        return;
+    };
+    outage_spends_no_delivery(&url).await;
+}
+
+async fn outage_spends_no_delivery(url: &str) {
+    let h = Harness::on_broker(url, &[], |t| t).await;
     // A quorum queue that dead-letters after 2 returns: handing messages back once a
     // `requeue_delay` during the outage would dead-letter them within a second.
     let topology = Topology::new(h.topology.exchange(), format!("{}.quorum", h.name))
@@ -31,7 +44,7 @@ async fn a_database_outage_holds_deliveries_and_spends_no_delivery_count() {
         },
     );
     let consumer = Consumer::builder(create_invoice, Inbox::new(pool))
-        .amqp_url(amqp_url())
+        .amqp_url(url)
         .connection_name(h.consumer_connection_name())
         .topology(topology.clone())
         .concurrency(2)
