@@ -19,7 +19,6 @@ mod cause;
 mod connection;
 mod consumer;
 mod error;
-mod producer;
 mod properties;
 mod publisher;
 mod reconnect;
@@ -35,12 +34,11 @@ pub use consumer::{
     DeliveryProcessor, FaultInjection, InvalidOption, LOCAL_AMQP_URL,
 };
 pub use error::{AmqpError, Result};
-pub use producer::{DelayQueue, Publisher};
 pub use properties::{raw_metadata, read_attempt};
-pub use publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
+pub use publisher::{ConfirmPublisher, DelayQueue, OutgoingMessage, Publisher, PublisherOptions};
 pub use reconnect::ReconnectBackoff;
 pub use stats::{ConsumerStats, StatsSnapshot};
-pub use topology::{QueueType, Topology};
+pub use topology::{QueueDepth, QueueType, Topology, queue_depth};
 pub use transport::open_connection;
 
 /// The lapin version oncely is built on, re-exported so users name the same types.
