@@ -4,11 +4,8 @@
 
 use billing::{ORDER_CREATED_V1, OrderCreated, PublishPlan, PublishSummary};
 use futures_lite::future;
-use oncely::lapin::options::{
-    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use oncely::lapin::types::{AMQPValue, FieldTable};
+use oncely::lapin::options::{BasicAckOptions, BasicGetOptions};
+use oncely::lapin::types::AMQPValue;
 use oncely::lapin::{BasicProperties, Connection};
 use oncely::testing::{TestSchema, unique_name};
 use oncely::{
@@ -297,20 +294,10 @@ impl Harness {
 
     /// (messages ready, consumers) of `queue`.
     pub async fn queue_counts(&self, queue: &str) -> (u32, u32) {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let depth = oncely::queue_depth(&self.connection, queue)
             .await
             .expect("queue exists");
-        oncely::close_channel(&channel, 200, "done").await;
-        (q.message_count(), q.consumer_count())
+        (depth.messages, depth.consumers)
     }
 
     /// Takes every message out of `queue`.
@@ -406,22 +393,11 @@ impl Drop for Harness {
     fn drop(&mut self) {
         let t = self.topology.clone();
         let url = amqp_url();
-        let mut queues = vec![t.queue().to_owned(), t.dlq(), t.parking()];
-        queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
         oncely::testing::block_on_thread(async move {
             let Ok(conn) = oncely::open_connection(&url, Default::default()).await else {
                 return;
             };
-            if let Ok(channel) = conn.create_channel().await {
-                for q in queues {
-                    let _ = channel
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                let _ = channel
-                    .exchange_delete(t.exchange().into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
+            let _ = t.delete(&conn).await;
             oncely::close_connection(&conn, 200, "cleanup").await;
         });
     }

@@ -457,15 +457,7 @@ async fn quorum_queues_declare_consume_retry_dead_letter_and_replay() {
     fixed.stop().await.expect("stop");
     assert_eq!(base.invoices().await, 2);
 
-    let channel = base.connection.create_channel().await.expect("channel");
-    for q in topology.queues() {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(topology.exchange().into(), Default::default())
-        .await;
+    let _ = topology.delete(&base.connection).await;
 }
 
 fn quorum_consumer<H: oncely::Handler>(
@@ -554,20 +546,9 @@ async fn topology_check_and_declare_follow_the_configuration_file() {
         refused.stderr
     );
 
-    let channel = h.connection.create_channel().await.expect("channel");
-    for q in [
-        queue.clone(),
-        format!("{queue}.retry.1s"),
-        format!("{queue}.retry.5s"),
-        format!("{queue}.dlq"),
-        format!("{queue}.parking"),
-    ] {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(exchange.as_str().into(), Default::default())
+    let _ = oncely::Topology::new(&exchange, &queue)
+        .retry_tiers(&[Duration::from_secs(1), Duration::from_secs(5)])
+        .delete(&h.connection)
         .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -619,12 +600,5 @@ async fn quorum_delivery_limit_dead_letters_a_message_that_keeps_coming_back() {
         deliveries >= 2,
         "delivered up to the limit first ({deliveries})"
     );
-    for q in topology.queues() {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(topology.exchange().into(), Default::default())
-        .await;
+    let _ = topology.delete(&h.connection).await;
 }

@@ -19,6 +19,7 @@ pub use oncely_amqp::{
     OutgoingMessage, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology, caused_by,
     close_channel, close_connection, connect, current_cause, open_connection,
 };
+pub use oncely_amqp::{QueueDepth, queue_depth};
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
     ErrorKind, HandlerError, Metadata, Reason, RetryPolicy, headers, health, metric_names,
