@@ -226,7 +226,6 @@ async fn relay(
         let _ = publisher.publish_batch(&[], 1).await;
         publishers.push(publisher.clone());
         relays.push(Relay::new(
-            pool.clone(),
             schema.url(),
             publisher,
             RelayOptions {

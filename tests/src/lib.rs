@@ -136,7 +136,7 @@ impl Harness {
                 ..oncely::PublisherOptions::default()
             },
         ));
-        oncely::outbox::Relay::new(self.pool.clone(), self.schema.url(), publisher, options)
+        oncely::outbox::Relay::new(self.schema.url(), publisher, options)
     }
 
     /// Outbox rows (published, unpublished).

@@ -417,16 +417,15 @@ async fn relay_reports_backlog_and_publish_attempts() {
                 .await
                 .expect("create order");
         }
-        let lost = NewOutboxMessage::new(
-            format!("{}-lost", h.name),
-            "order",
-            format!("{}-lost", h.name),
-            "order.lost.v1",
-            h.topology.exchange(),
-            "nobody.listens",
-            &serde_json::json!({}),
-        )
-        .expect("event");
+        let lost = NewOutboxMessage::builder()
+            .id(format!("{}-lost", h.name))
+            .aggregate("order", format!("{}-lost", h.name))
+            .event_type("order.lost.v1")
+            .exchange(h.topology.exchange())
+            .routing_key("nobody.listens")
+            .payload(&serde_json::json!({}))
+            .build()
+            .expect("event");
         oncely::outbox::enqueue(&mut conn, &lost)
             .await
             .expect("enqueue");

@@ -353,16 +353,15 @@ async fn outbox_stats_counts_unpublished_rows_and_their_age() {
 }
 
 async fn order_service_create(conn: &mut Conn, h: &Harness, n: usize) {
-    let event = oncely::outbox::NewOutboxMessage::new(
-        format!("{}-{n}", h.name),
-        "order",
-        format!("o{n}"),
-        "order.created.v1",
-        h.topology.exchange(),
-        billing::ORDER_CREATED_V1,
-        &order(&h.name, n),
-    )
-    .expect("event");
+    let event = oncely::outbox::NewOutboxMessage::builder()
+        .id(format!("{}-{n}", h.name))
+        .aggregate("order", format!("o{n}"))
+        .event_type("order.created.v1")
+        .exchange(h.topology.exchange())
+        .routing_key(billing::ORDER_CREATED_V1)
+        .payload(&order(&h.name, n))
+        .build()
+        .expect("event");
     oncely::outbox::enqueue(conn, &event)
         .await
         .expect("enqueue");
