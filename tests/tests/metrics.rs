@@ -18,6 +18,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// An empty message that no queue is bound to take.
+fn to_nobody(exchange: &str) -> OutgoingMessage<'_> {
+    OutgoingMessage {
+        exchange,
+        routing_key: "nobody.listens",
+        body: b"{}",
+        properties: BasicProperties::default(),
+    }
+}
+
 fn scrape() -> String {
     install_recorder().expect("recorder").render()
 }
@@ -308,15 +318,7 @@ async fn publisher_counts_confirms_returns_nacks_and_timeouts() {
     // Routed and confirmed.
     h.publish_order(&order(&h.name, 1)).await;
     // Unroutable: no queue is bound with this routing key.
-    let returned = h
-        .publisher
-        .publish(OutgoingMessage {
-            exchange: &exchange,
-            routing_key: "nobody.listens",
-            body: b"{}",
-            properties: BasicProperties::default(),
-        })
-        .await;
+    let returned = h.publisher.publish(to_nobody(&exchange)).await;
     assert!(
         matches!(returned, Err(AmqpError::Unroutable { .. })),
         "{returned:?}"
@@ -371,14 +373,7 @@ async fn publisher_counts_confirms_returns_nacks_and_timeouts() {
 
     // No confirm can arrive within a microsecond.
     let hasty = ConfirmPublisher::new(h.connection.clone(), Duration::from_micros(1));
-    let timed_out = hasty
-        .publish(OutgoingMessage {
-            exchange: &exchange,
-            routing_key: "nobody.listens",
-            body: b"{}",
-            properties: BasicProperties::default(),
-        })
-        .await;
+    let timed_out = hasty.publish(to_nobody(&exchange)).await;
     assert!(
         matches!(timed_out, Err(AmqpError::ConfirmTimeout { .. })),
         "{timed_out:?}"

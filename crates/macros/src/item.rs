@@ -254,61 +254,7 @@ fn validate(sig: &Signature, form: Form) -> syn::Result<HandlerSig<'_>> {
         );
     }
 
-    let mut typed = Vec::new();
-    let mut receiver_ok = form == Form::Free;
-    for input in &sig.inputs {
-        match input {
-            FnArg::Receiver(receiver) if form == Form::Free => errors.push_spanned(
-                receiver,
-                format!(
-                    "a free oncely handler cannot take `self`: for a handler with state, \
-                         put `#[oncely::handler(...)]` on the `impl` block that holds the \
-                         method; {expected}"
-                ),
-            ),
-            FnArg::Receiver(receiver) => {
-                // `Handler::handle` lends the handler shared: `&mut self` or `self` would
-                // not compile in the generated impl, so say it here.
-                let shared = receiver.reference.is_some()
-                    && receiver.mutability.is_none()
-                    && receiver.colon_token.is_none();
-                if !shared {
-                    errors.push_spanned(
-                        receiver,
-                        format!("an oncely handler method takes `&self`; {expected}"),
-                    );
-                }
-                receiver_ok = true;
-            }
-            FnArg::Typed(arg) => typed.push(arg),
-        }
-    }
-    if !receiver_ok {
-        errors.push(
-            sig.paren_token.span.join(),
-            format!("an oncely handler method takes `&self` first; {expected}"),
-        );
-    }
-    let (conn, msg) = match typed.as_slice() {
-        [conn, msg] if receiver_ok => (Some(*conn), Some(*msg)),
-        _ => {
-            if receiver_ok {
-                errors.push(
-                    sig.paren_token.span.join(),
-                    format!(
-                        "oncely handlers take exactly 2 arguments{}, found {}; {expected}",
-                        if form == Form::Method {
-                            " after `&self`"
-                        } else {
-                            ""
-                        },
-                        typed.len()
-                    ),
-                );
-            }
-            (None, None)
-        }
-    };
+    let (conn, msg) = arguments(sig, form, &expected, &mut errors).unzip();
 
     if let Some(conn) = conn {
         let is_mut_ref = matches!(peel(&conn.ty), Type::Reference(r) if r.mutability.is_some());
@@ -356,5 +302,69 @@ fn validate(sig: &Signature, form: Form) -> syn::Result<HandlerSig<'_>> {
         }),
         // Every `None` above pushed an error.
         _ => Err(syn::Error::new(sig.ident.span(), expected)),
+    }
+}
+
+/// `conn` and `msg` when the arguments have the form's shape; what is wrong goes to `errors`.
+fn arguments<'a>(
+    sig: &'a Signature,
+    form: Form,
+    expected: &str,
+    errors: &mut Errors,
+) -> Option<(&'a PatType, &'a PatType)> {
+    let mut typed = Vec::new();
+    let mut receiver_ok = form == Form::Free;
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(receiver) if form == Form::Free => errors.push_spanned(
+                receiver,
+                format!(
+                    "a free oncely handler cannot take `self`: for a handler with state, \
+                         put `#[oncely::handler(...)]` on the `impl` block that holds the \
+                         method; {expected}"
+                ),
+            ),
+            FnArg::Receiver(receiver) => {
+                // `Handler::handle` lends the handler shared: `&mut self` or `self` would
+                // not compile in the generated impl, so say it here.
+                let shared = receiver.reference.is_some()
+                    && receiver.mutability.is_none()
+                    && receiver.colon_token.is_none();
+                if !shared {
+                    errors.push_spanned(
+                        receiver,
+                        format!("an oncely handler method takes `&self`; {expected}"),
+                    );
+                }
+                receiver_ok = true;
+            }
+            FnArg::Typed(arg) => typed.push(arg),
+        }
+    }
+    if !receiver_ok {
+        errors.push(
+            sig.paren_token.span.join(),
+            format!("an oncely handler method takes `&self` first; {expected}"),
+        );
+    }
+    match typed.as_slice() {
+        [conn, msg] if receiver_ok => Some((*conn, *msg)),
+        _ => {
+            if receiver_ok {
+                errors.push(
+                    sig.paren_token.span.join(),
+                    format!(
+                        "oncely handlers take exactly 2 arguments{}, found {}; {expected}",
+                        if form == Form::Method {
+                            " after `&self`"
+                        } else {
+                            ""
+                        },
+                        typed.len()
+                    ),
+                );
+            }
+            None
+        }
     }
 }

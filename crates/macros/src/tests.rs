@@ -146,6 +146,17 @@ fn error_of(args: TokenStream, item: TokenStream) -> String {
         .join("\n")
 }
 
+/// Each item, under `consumer = "x"`, fails with an error containing its text.
+fn expect_errors(cases: &[(TokenStream, &str)]) {
+    for (item, expected) in cases {
+        let error = error_of(quote!(consumer = "x"), item.clone());
+        assert!(
+            error.contains(expected),
+            "{item}: expected {expected:?}, got {error}"
+        );
+    }
+}
+
 #[test]
 fn attribute_errors() {
     let missing = error_of(quote!(), valid_item());
@@ -236,13 +247,7 @@ fn signature_errors() {
             "`extern fn`",
         ),
     ];
-    for (item, expected) in cases {
-        let error = error_of(quote!(consumer = "x"), item.clone());
-        assert!(
-            error.contains(expected),
-            "{item}: expected {expected:?}, got {error}"
-        );
-    }
+    expect_errors(&cases);
 }
 
 #[test]
@@ -405,11 +410,5 @@ fn impl_block_errors() {
             "must be `async fn`",
         ),
     ];
-    for (item, expected) in cases {
-        let error = error_of(quote!(consumer = "x"), item.clone());
-        assert!(
-            error.contains(expected),
-            "{item}: expected {expected:?}, got {error}"
-        );
-    }
+    expect_errors(&cases);
 }
