@@ -90,7 +90,7 @@ struct Cli {
     /// Directory of the service binaries (default: the drill's own).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Directory for logs, counters.csv and report.json (default target/drill/<run>).
+    /// Directory for logs, counters.csv and report.json (default `target/drill/<run>`).
     #[arg(long)]
     out_dir: Option<PathBuf>,
 }
