@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 mod common;
-use common::{effects, fixture, insert_effect};
+use common::{effects, fixture, inbox_row, insert_effect};
 
 async fn effect_count(inbox: &Inbox) -> i64 {
     let mut conn = inbox.pool().get().await.expect("connection");
@@ -44,11 +44,7 @@ async fn second_run_of_a_message_is_a_duplicate_and_skips_the_handler() {
     }
     assert_eq!(AtomicUsize::load(&calls, Ordering::SeqCst), 1);
     assert_eq!(effect_count(&inbox).await, 1);
-    let row = inbox
-        .find("billing", "m-1")
-        .await
-        .expect("find")
-        .expect("row");
+    let row = inbox_row(&inbox, "m-1").await;
     assert_eq!(row.status, "processed");
     assert!(row.processed_at.is_some());
 }
@@ -256,11 +252,7 @@ async fn handler_error_rolls_back_the_business_row_and_records_the_failure() {
         .await
         .expect("retry");
     assert_eq!(outcome, Outcome::Processed { attempts: 2 });
-    let row = inbox
-        .find("billing", "m-1")
-        .await
-        .expect("find")
-        .expect("row");
+    let row = inbox_row(&inbox, "m-1").await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.error_code, None);
     assert_eq!(effect_count(&inbox).await, 1);
@@ -286,11 +278,7 @@ async fn constraint_violation_in_the_handler_is_permanent_and_leaves_nothing() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    let row = inbox
-        .find("billing", "m-2")
-        .await
-        .expect("find")
-        .expect("row");
+    let row = inbox_row(&inbox, "m-2").await;
     assert_eq!(row.status, "failed");
     assert_eq!(effect_count(&inbox).await, 1);
 }
@@ -337,11 +325,7 @@ async fn failure_record_never_overwrites_a_processed_row() {
         )
         .await
         .expect("record");
-    let row = inbox
-        .find("billing", "m-1")
-        .await
-        .expect("find")
-        .expect("row");
+    let row = inbox_row(&inbox, "m-1").await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.error_code, None);
 }

@@ -8,7 +8,9 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use oncely_core::{Envelope, HandlerError, Metadata};
 use oncely_inbox::testing::TestSchema;
-use oncely_inbox::{BoxFuture, INBOX_MIGRATIONS, Inbox, PoolOptions, connect_pool, run_migrations};
+use oncely_inbox::{
+    BoxFuture, INBOX_MIGRATIONS, Inbox, InboxRow, PoolOptions, connect_pool, run_migrations,
+};
 
 diesel::table! {
     /// The handlers' business change: one row per message, committed with its inbox row.
@@ -82,4 +84,9 @@ pub async fn effects(inbox: &Inbox) -> Vec<String> {
         .load(&mut conn)
         .await
         .expect("effects")
+}
+
+/// The inbox row of consumer `billing` for message `id`, which must exist.
+pub async fn inbox_row(inbox: &Inbox, id: &str) -> InboxRow {
+    inbox.find("billing", id).await.expect("find").expect("row")
 }
