@@ -98,6 +98,7 @@ async fn run(
         .concurrency(concurrency)
         .prefetch(prefetch)
         .build()
+        .expect("valid consumer settings")
         .spawn();
     let warmup = 100;
     publish_to_topology(connection, topology, &format!("{name}_warm"), 0..warmup).await?;

@@ -49,7 +49,8 @@ pub async fn child(args: ChildArgs) -> anyhow::Result<()> {
         .topology(topology)
         .concurrency(args.concurrency)
         .prefetch(args.prefetch)
-        .build();
+        .build()
+        .expect("valid consumer settings");
     consumer
         .run(async {
             let mut sink = Vec::new();

@@ -82,7 +82,7 @@ async fn measure(
             .batch(size, Duration::from_millis(20))
             .prefetch(prefetch);
     }
-    let consumer = builder.build().spawn();
+    let consumer = builder.build().expect("valid consumer settings").spawn();
     let limit = Duration::from_secs(600);
     wait_until("warm-up", limit, || {
         consumer.stats().settled() as usize >= warmup

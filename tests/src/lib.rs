@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 /// The hand-written AMQP publisher, for properties and headers lapin cannot send.
 pub use oncely_raw_amqp as raw_amqp;
+pub mod gate;
 
 /// `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -79,6 +80,8 @@ pub struct Harness {
     pub connection: Arc<Connection>,
     /// Confirmed publisher on that connection.
     pub publisher: ConfirmPublisher,
+    /// More topologies of this test, deleted with it.
+    more_topologies: std::sync::Mutex<Vec<Topology>>,
 }
 
 impl Harness {
@@ -110,6 +113,14 @@ impl Harness {
             topology,
             connection,
             publisher,
+            more_topologies: Default::default(),
+        }
+    }
+
+    /// Deletes `topology`'s queues when the harness is dropped, as its own.
+    pub fn delete_topology(&self, topology: &Topology) {
+        if let Ok(mut more) = self.more_topologies.lock() {
+            more.push(topology.clone());
         }
     }
 
@@ -391,13 +402,21 @@ fn close_connections_named(name: &str) -> usize {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        let t = self.topology.clone();
+        let more = self
+            .more_topologies
+            .lock()
+            .map(|more| more.clone())
+            .unwrap_or_default();
+        let topologies: Vec<_> = std::iter::once(self.topology.clone()).chain(more).collect();
         let url = amqp_url();
         oncely::testing::block_on_thread(async move {
             let Ok(conn) = oncely::open_connection(&url, Default::default()).await else {
                 return;
             };
-            let _ = t.delete(&conn).await;
+            // Topologies of one harness may share the exchange: a second deletion is a no-op.
+            for t in &topologies {
+                let _ = t.delete(&conn).await;
+            }
             oncely::close_connection(&conn, 200, "cleanup").await;
         });
     }

@@ -10,7 +10,11 @@ use std::collections::BTreeMap;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_goes_to_dlq_with_reason_and_is_never_looped() {
     let h = Harness::new(&[std::time::Duration::from_millis(100)]).await;
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     publish_poison(
         &h.publisher,
         h.topology.exchange(),
@@ -44,7 +48,11 @@ async fn invalid_json_goes_to_dlq_with_reason_and_is_never_looped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_message_id_goes_to_dlq() {
     let h = Harness::new(&[]).await;
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     publish_poison(
         &h.publisher,
         h.topology.exchange(),
@@ -67,7 +75,11 @@ async fn missing_message_id_goes_to_dlq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_good_messages_flow_on() {
     let h = Harness::new(&[]).await;
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     for (i, kind) in PoisonKind::ALL.iter().enumerate() {
         publish_poison(&h.publisher, h.topology.exchange(), &h.name, i, *kind)
             .await
@@ -136,7 +148,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_good_messa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letter_publish_failure_requeues_and_nothing_is_lost() {
+async fn dead_letter_publish_failure_holds_the_message_and_nothing_is_lost() {
     let h = Harness::new(&[]).await;
     // Without Q.dlq the mandatory dead-letter publish comes back unroutable.
     let channel = h.connection.create_channel().await.expect("channel");
@@ -147,7 +159,8 @@ async fn dead_letter_publish_failure_requeues_and_nothing_is_lost() {
     let running = h.start(
         h.consumer(create_invoice)
             .requeue_delay(std::time::Duration::from_millis(50))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     // The runtime declares the topology when it connects: delete Q.dlq again afterwards.
     h.wait_for_consumer().await;
@@ -165,11 +178,12 @@ async fn dead_letter_publish_failure_requeues_and_nothing_is_lost() {
     .await
     .expect("publish");
     running
-        .wait_for_stats("dead-letter publish failed and was requeued", |s| {
-            s.requeued >= 2
+        .wait_for_stats("dead-letter publish failed and the message is held", |s| {
+            s.held >= 1
         })
         .await;
-    assert_eq!(running.stats().dead_lettered, 0);
+    let held = running.stats();
+    assert_eq!((held.dead_lettered, held.requeued), (0, 0), "{held:?}");
 
     // The DLQ comes back: the message lands there, once.
     h.topology.declare(&h.connection).await.expect("redeclare");
@@ -206,7 +220,11 @@ fn order_body(h: &Harness, n: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_strings_that_are_not_utf8_go_to_dlq_and_the_queue_flows_on() {
     let h = Harness::new(&[]).await;
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.wait_for_consumer().await;
 
     let bad_id = b"ord-\xff\xfe-1".to_vec();
@@ -305,7 +323,11 @@ async fn routing_key_that_is_not_utf8_goes_to_dlq_without_breaking_the_connectio
         )
         .await
         .expect("bind");
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.wait_for_consumer().await;
     let mut raw = oncely_e2e::raw_amqp::RawPublisher::connect(&oncely_e2e::amqp_url())
         .await
@@ -338,7 +360,11 @@ async fn routing_key_that_is_not_utf8_goes_to_dlq_without_breaking_the_connectio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_header_types_are_ignored_or_dead_lettered_never_a_connection_failure() {
     let h = Harness::new(&[]).await;
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.wait_for_consumer().await;
 
     let nested = RawTable::default()
@@ -441,7 +467,7 @@ async fn nul_bytes_fail_their_own_message_only(batched: bool) {
     if batched {
         consumer = consumer.batch(10, std::time::Duration::from_millis(20));
     }
-    let running = h.start(consumer.build());
+    let running = h.start(consumer.build().expect("valid consumer settings"));
     h.wait_for_consumer().await;
     let json = |n: usize| {
         BasicProperties::default()

@@ -29,7 +29,8 @@ async fn batches_with_duplicates_and_poison_make_one_invoice_per_order() {
         h.consumer(create_invoice)
             .batch(50, Duration::from_millis(20))
             .concurrency(4)
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     let total = summary.total() as u64 + 3;
     running
@@ -78,7 +79,8 @@ async fn a_crash_after_a_batch_commit_redelivers_the_batch_as_duplicates() {
             .batch(40, Duration::from_millis(50))
             .concurrency(2)
             .fault_injection(fault)
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     // Every delivery acked once in the end: acks sent = processed + duplicates - failed acks
     // (the crashed batch's deliveries reached neither counter the first time).
@@ -112,7 +114,8 @@ async fn postgres_connections_killed_under_batches_lose_and_double_nothing() {
             .batch(30, Duration::from_millis(20))
             .concurrency(4)
             .requeue_delay(Duration::from_millis(20))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     for round in 1..=3u64 {
         running
@@ -160,7 +163,8 @@ async fn a_failing_message_in_a_batch_fails_alone_while_the_others_commit() {
         h.consumer(create_invoice)
             .batch(20, Duration::from_millis(200))
             .retry_policy(oncely::RetryPolicy::new(2, tiers.to_vec()))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     running
         .wait_for_stats("19 processed and the clash dead-lettered", |s| {

@@ -11,7 +11,11 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_delivery_after_commit_is_acked_without_running_handler() {
     let h = Harness::new(&[]).await;
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     let o = order(&h.name, 1);
     h.publish_order(&o).await;
     running
@@ -53,7 +57,12 @@ async fn crash_after_commit_before_ack_is_redelivered_and_acked_as_duplicate() {
                 .unwrap_or(false)
         }),
     };
-    let running = h.start(h.consumer(create_invoice).fault_injection(fault).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .fault_injection(fault)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.publish_order(&o).await;
     running
         .wait_for_stats("redelivery acked as duplicate", |s| s.duplicates == 1)
@@ -86,7 +95,8 @@ async fn thousand_orders_with_20_percent_duplicates_at_concurrency_8_make_exactl
         h.consumer(create_invoice)
             .concurrency(8)
             .prefetch(32)
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     running
         .wait_for_stats("all 1200 deliveries settled", |s| s.settled() == 1200)
@@ -114,7 +124,8 @@ async fn broker_closing_every_consumer_connection_mid_stream_loses_and_doubles_n
         h.consumer(create_invoice)
             .concurrency(4)
             .prefetch(16)
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     for round in 1..=2u64 {
         running
@@ -165,7 +176,13 @@ async fn graceful_shutdown_finishes_in_flight_deliveries_and_leaves_the_rest_que
     for n in 0..20 {
         h.publish_order(&order(&h.name, n)).await;
     }
-    let running = h.start(h.consumer(slow_invoice).concurrency(2).prefetch(4).build());
+    let running = h.start(
+        h.consumer(slow_invoice)
+            .concurrency(2)
+            .prefetch(4)
+            .build()
+            .expect("valid consumer settings"),
+    );
     running
         .wait_for_stats("first deliveries in flight", |s| s.received >= 2)
         .await;
@@ -206,7 +223,8 @@ async fn a_shutdown_that_abandons_in_flight_deliveries_says_so_and_the_broker_re
             .concurrency(2)
             .prefetch(2)
             .shutdown_timeout(Duration::from_millis(500))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     running
         .wait_for_stats("both deliveries in flight", |s| s.received == 2)
@@ -219,7 +237,11 @@ async fn a_shutdown_that_abandons_in_flight_deliveries_says_so_and_the_broker_re
     assert_eq!(h.invoices().await, 0, "the abandoned runs rolled back");
 
     // Left unacked, the two come back and are processed once each.
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     running
         .wait_for_stats("the abandoned deliveries processed", |s| s.processed == 2)
         .await;
@@ -237,7 +259,8 @@ async fn postgres_connections_killed_mid_stream_lose_and_double_nothing() {
             .concurrency(4)
             .retry_policy(oncely::RetryPolicy::new(20, tiers.to_vec()))
             .requeue_delay(Duration::from_millis(20))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     for round in 1..=3u64 {
         running
@@ -265,8 +288,12 @@ async fn postgres_connections_killed_mid_stream_lose_and_double_nothing() {
     assert_eq!(h.processed().await, 400);
     eprintln!("after the database kills: {stats:?}");
     assert!(
-        stats.requeued + stats.retried >= 1,
+        stats.held + stats.retried >= 1,
         "the kills hit deliveries in flight: {stats:?}"
+    );
+    assert_eq!(
+        stats.requeued, 0,
+        "held and tried again, never handed back to the broker: {stats:?}"
     );
     assert_eq!(
         stats.dead_lettered, 0,

@@ -33,7 +33,11 @@ async fn readiness_fails_after_the_grace_period_while_broker_or_database_is_down
         .expect("serve");
     let addr = server.local_addr();
     let h = Harness::new(&[]).await;
-    let healthy = h.start(h.consumer(create_invoice).build());
+    let healthy = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.wait_for_consumer().await;
     let body = wait_status(addr, 200).await;
     assert!(body.contains("\"ready\":true"), "{body}");
@@ -43,7 +47,8 @@ async fn readiness_fails_after_the_grace_period_while_broker_or_database_is_down
     let unreachable = h.start(
         h.consumer(create_invoice)
             .amqp_url("amqp://guest:guest@127.0.0.1:1/%2f")
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     let body = wait_status(addr, 503).await;
     assert!(body.contains("\"kind\":\"broker\""), "{body}");

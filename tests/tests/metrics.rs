@@ -53,7 +53,11 @@ async fn processed_and_duplicate_are_counted_once_each_and_served_on_metrics_end
     let h = Harness::new(&[]).await;
     let q = h.topology.queue().to_owned();
     let labels = [("queue", q.as_str()), ("consumer", "billing")];
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     let o = order(&h.name, 1);
     h.publish_order(&o).await;
     running
@@ -95,7 +99,11 @@ async fn poison_messages_are_counted_dead_lettered_with_their_contract_code() {
     install_recorder().expect("recorder");
     let h = Harness::new(&[]).await;
     let q = h.topology.queue().to_owned();
-    let running = h.start(h.consumer(create_invoice).build());
+    let running = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.publish_raw(
         b"not json",
         BasicProperties::default().with_message_id(format!("{}-bad", h.name).into()),
@@ -154,7 +162,8 @@ async fn retry_is_counted_by_tier_and_handler_error_by_kind_and_code() {
     let running = h.start(
         h.consumer(fails_first_attempt)
             .retry_policy(RetryPolicy::new(3, tiers))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     h.publish_order(&order(&h.name, 1)).await;
     running
@@ -192,7 +201,11 @@ async fn parked_message_is_counted_with_its_code() {
     install_recorder().expect("recorder");
     let h = Harness::new(&[]).await;
     let q = h.topology.queue().to_owned();
-    let running = h.start(h.consumer(needs_review).build());
+    let running = h.start(
+        h.consumer(needs_review)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.publish_order(&order(&h.name, 1)).await;
     running.wait_for_stats("parked", |s| s.parked == 1).await;
     let labels = [
@@ -237,7 +250,8 @@ async fn concurrent_duplicate_is_counted_as_claim_conflict_and_duplicate() {
             name: consumer.clone(),
         })
         .concurrency(4)
-        .build(),
+        .build()
+        .expect("valid consumer settings"),
     );
     h.wait_for_consumer().await;
     let o = order(&h.name, 1);
@@ -293,7 +307,8 @@ async fn lost_ack_is_counted_then_redelivery_reconnect_and_duplicate() {
             harness: h.clone(),
             closed: AtomicBool::new(false),
         })
-        .build(),
+        .build()
+        .expect("valid consumer settings"),
     );
     h.wait_for_consumer().await;
     h.publish_order(&order(&h.name, 1)).await;
@@ -490,7 +505,8 @@ async fn messages_published_while_handling_carry_correlation_causation_and_trace
             to: to.clone(),
             exchange: h.topology.exchange().to_owned(),
         })
-        .build(),
+        .build()
+        .expect("valid consumer settings"),
     );
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let id = format!("{}-1", h.name);

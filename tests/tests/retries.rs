@@ -55,7 +55,8 @@ async fn retryable_error_is_retried_through_the_delay_queue_with_attempt_header_
     let consumer = h
         .consumer(flaky_until_third_attempt)
         .retry_policy(RetryPolicy::new(5, tiers()))
-        .build();
+        .build()
+        .expect("valid consumer settings");
     let running = h.start(consumer);
     let o = order(&h.name, 1);
     h.publish_order(&o).await;
@@ -90,7 +91,8 @@ async fn exhausted_retries_go_to_dlq_with_the_last_error_and_attempt() {
     let running = h.start(
         h.consumer(always_down)
             .retry_policy(RetryPolicy::new(3, tiers()))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     let o = order(&h.name, 1);
     h.publish_order(&o).await;
@@ -125,7 +127,8 @@ async fn permanent_error_goes_to_dlq_at_once() {
     let running = h.start(
         h.consumer(create_invoice)
             .retry_policy(RetryPolicy::new(5, tiers()))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     let mut bad = order(&h.name, 1);
     bad.currency = "rupiah".into();
@@ -143,7 +146,11 @@ async fn permanent_error_goes_to_dlq_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn park_error_goes_to_the_parking_lot() {
     let h = Harness::new(&tiers()).await;
-    let running = h.start(h.consumer(needs_review).build());
+    let running = h.start(
+        h.consumer(needs_review)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.publish_order(&order(&h.name, 1)).await;
     let parked = h.expect_in_queue(&h.topology.parking(), 1).await;
     assert_eq!(
@@ -203,7 +210,8 @@ async fn handler_past_its_timeout_is_cancelled_rolled_back_and_retried() {
         h.consumer(stuck_on_first_attempt)
             .retry_policy(RetryPolicy::new(5, tiers()))
             .handler_timeout(Duration::from_millis(300))
-            .build(),
+            .build()
+            .expect("valid consumer settings"),
     );
     let o = order(&h.name, 1);
     h.publish_order(&o).await;
@@ -260,7 +268,8 @@ async fn invoice_order_after_a_retry(strict: bool) -> Vec<String> {
         } else {
             builder
         }
-        .build(),
+        .build()
+        .expect("valid consumer settings"),
     );
     running
         .wait_for_stats("all processed", |s| s.processed == 3)

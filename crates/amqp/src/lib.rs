@@ -29,9 +29,11 @@ mod transport;
 
 pub use cause::{caused_by, current_cause, with_cause};
 pub use connection::{Backoff, close_channel, close_connection, connect};
+#[cfg(feature = "failpoints")]
+pub use consumer::FaultInjection;
 pub use consumer::{
     BatchOptions, ConsumerOptions, ConsumerRuntime, DEFAULT_CONCURRENCY, DEFAULT_PREFETCH,
-    DeliveryProcessor, FaultInjection, InvalidOption, LOCAL_AMQP_URL,
+    DeliveryProcessor, InvalidOption, LOCAL_AMQP_URL,
 };
 pub use error::{AmqpError, Result};
 pub use properties::{raw_metadata, read_attempt};

@@ -12,6 +12,7 @@ pub struct ConsumerStats {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) parked: AtomicU64,
     pub(crate) requeued: AtomicU64,
+    pub(crate) held: AtomicU64,
     pub(crate) ack_failures: AtomicU64,
     pub(crate) reconnects: AtomicU64,
 }
@@ -31,8 +32,12 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     /// Sent to `Q.parking`.
     pub parked: u64,
-    /// Given back to the queue (nack with requeue) because of an infrastructure failure.
+    /// Given back to the queue after an infrastructure failure outlasted the hold (or at
+    /// shutdown): republished to the queue's tail, or nacked with requeue under strict order.
     pub requeued: u64,
+    /// Deliveries held through an infrastructure failure: kept unacked with their concurrency
+    /// slot and processed again with backoff, without spending a delivery.
+    pub held: u64,
     /// Acks that could not be sent (channel gone); the broker redelivers those.
     pub ack_failures: u64,
     /// Times the runtime reconnected after losing its connection.
@@ -58,6 +63,7 @@ impl ConsumerStats {
             dead_lettered: r(&self.dead_lettered),
             parked: r(&self.parked),
             requeued: r(&self.requeued),
+            held: r(&self.held),
             ack_failures: r(&self.ack_failures),
             reconnects: r(&self.reconnects),
         }

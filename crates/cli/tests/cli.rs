@@ -121,7 +121,11 @@ async fn poison_to_dlq_then_handler_fixed_then_replay_is_processed_once() {
     let h = Harness::new(&[]).await;
     let mut bad = order(&h.name, 1);
     bad.currency = "rupiah".to_owned();
-    let strict = h.start(h.consumer(create_invoice).build());
+    let strict = h.start(
+        h.consumer(create_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     h.publish_order(&bad).await;
     strict
         .wait_for_stats("dead-lettered", |s| s.dead_lettered == 1)
@@ -156,7 +160,11 @@ async fn poison_to_dlq_then_handler_fixed_then_replay_is_processed_once() {
         "dry run moves nothing"
     );
 
-    let fixed = h.start(h.consumer(invoice_any_currency).build());
+    let fixed = h.start(
+        h.consumer(invoice_any_currency)
+            .build()
+            .expect("valid consumer settings"),
+    );
     let replay = oncely(&h, &["dlq", "replay", h.topology.queue(), "--rate", "50"]).await;
     assert_eq!(replay.code, Some(0), "{}", replay.stderr);
     assert!(
@@ -198,7 +206,12 @@ async fn steady_invoice(conn: &mut Conn, msg: Envelope<OrderCreated>) -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_purge_while_a_consumer_runs_is_safe_and_stats_report_it() {
     let h = Harness::new(&[]).await;
-    let running = h.start(h.consumer(steady_invoice).concurrency(2).build());
+    let running = h.start(
+        h.consumer(steady_invoice)
+            .concurrency(2)
+            .build()
+            .expect("valid consumer settings"),
+    );
     for n in 0..100 {
         h.publish_order(&order(&h.name, n)).await;
     }
@@ -246,7 +259,11 @@ async fn inbox_purge_while_a_consumer_runs_is_safe_and_stats_report_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_purge_refuses_an_age_below_the_safe_floor_unless_forced() {
     let h = Harness::new(&[]).await;
-    let running = h.start(h.consumer(steady_invoice).build());
+    let running = h.start(
+        h.consumer(steady_invoice)
+            .build()
+            .expect("valid consumer settings"),
+    );
     for n in 0..3 {
         h.publish_order(&order(&h.name, n)).await;
     }
@@ -469,6 +486,7 @@ fn quorum_consumer<H: oncely::Handler>(
         .topology(topology.clone())
         .retry_policy(oncely::RetryPolicy::new(3, tiers.to_vec()))
         .build()
+        .expect("valid consumer settings")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

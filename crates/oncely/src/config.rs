@@ -28,6 +28,9 @@
 //! (or variable) at fault.
 
 use crate::{QueueType, RetryPolicy, Topology};
+use oncely_amqp::{
+    BatchOptions, ConsumerOptions, DEFAULT_CONCURRENCY, DEFAULT_PREFETCH, LOCAL_AMQP_URL,
+};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -292,10 +295,12 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
             return Err(invalid(key(k), "must be 1 to 255 bytes"));
         }
     }
-    let concurrency = raw.concurrency.unwrap_or(8);
-    if concurrency == 0 {
-        return Err(invalid(key("concurrency"), "must be at least 1"));
-    }
+    // The defaults and the rules are the runtime's own (`ConsumerOptions`): strict order runs
+    // one delivery at a time; batched mode's prefetch lets every batch fill.
+    let strict = raw.strict_order;
+    let concurrency = raw
+        .concurrency
+        .unwrap_or(if strict { 1 } else { DEFAULT_CONCURRENCY });
     let batch_wait = raw
         .batch_wait
         .as_deref()
@@ -303,17 +308,23 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
         .transpose()?
         .unwrap_or(Duration::from_millis(20));
     let batch = raw.batch_size.filter(|n| *n > 0).map(|n| (n, batch_wait));
-    // Batched mode without a prefetch: room for every batch to fill.
-    let default_prefetch = batch
-        .map(|(n, _)| n.saturating_mul(concurrency).min(u16::MAX as usize) as u16)
-        .unwrap_or(32);
-    let prefetch = raw.prefetch.unwrap_or(default_prefetch);
-    if prefetch == 0 {
-        return Err(invalid(
-            key("prefetch"),
-            "must be at least 1 (0 would mean unlimited)",
-        ));
-    }
+    let batch_options = batch.map(|(max_messages, max_wait)| BatchOptions {
+        max_messages,
+        max_wait,
+    });
+    let prefetch = raw.prefetch.unwrap_or(match (strict, batch_options) {
+        (true, _) => 1,
+        (false, Some(batch)) => batch.prefetch_for(concurrency),
+        (false, None) => DEFAULT_PREFETCH,
+    });
+    let mut options = ConsumerOptions::new(name, LOCAL_AMQP_URL, Topology::new("e", "q"));
+    options.concurrency = concurrency;
+    options.prefetch = prefetch;
+    options.batch = batch_options;
+    options.retry_in_place = strict;
+    options
+        .validate()
+        .map_err(|e| invalid(key(e.setting), e.problem))?;
     let queue_type = match raw.queue_type.as_deref().unwrap_or("classic") {
         "classic" => QueueType::Classic,
         "quorum" => QueueType::Quorum,
@@ -470,6 +481,22 @@ mod tests {
         assert_eq!(
             error_key(&format!("{section}concurrency = 0")),
             "consumers.billing.concurrency"
+        );
+        assert_eq!(
+            error_key(&format!("{section}concurrency = 8\nprefetch = 4")),
+            "consumers.billing.prefetch"
+        );
+        assert_eq!(
+            error_key(&format!("{section}strict_order = true\nbatch_size = 10")),
+            "consumers.billing.strict_order"
+        );
+        assert_eq!(
+            error_key(&format!("{section}strict_order = true\nconcurrency = 4")),
+            "consumers.billing.strict_order"
+        );
+        assert!(
+            parse(&format!("{section}strict_order = true")).is_ok(),
+            "strict order alone runs one at a time"
         );
         assert_eq!(
             error_key(&format!("{section}prefetc = 3")),

@@ -1,9 +1,11 @@
 //! Where the pieces meet: a [`Handler`] run through the [`Inbox`] by the AMQP runtime.
 
 use crate::handler::Handler;
+#[cfg(feature = "failpoints")]
+use oncely_amqp::FaultInjection;
 use oncely_amqp::{
-    BatchOptions, ConsumerOptions, ConsumerRuntime, DeliveryProcessor, FaultInjection,
-    StatsSnapshot, Topology,
+    BatchOptions, ConsumerOptions, ConsumerRuntime, DeliveryProcessor, InvalidOption,
+    LOCAL_AMQP_URL, StatsSnapshot, Topology,
 };
 use oncely_core::health::{Component, Kind, Registry};
 use oncely_core::metric_names as names;
@@ -26,7 +28,7 @@ use std::time::Duration;
 ///     .amqp_url("amqp://guest:guest@127.0.0.1:5672/%2f")
 ///     .topology(Topology::new("order.events", "billing.order-events.q").bind("order.created.v1"))
 ///     .concurrency(8)
-///     .build();
+///     .build()?;
 /// consumer.run(oncely::shutdown_signal()).await?;
 /// # Ok(()) }
 /// ```
@@ -49,7 +51,7 @@ impl Consumer {
         ConsumerBuilder {
             handler,
             inbox,
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            amqp_url: None,
             connection_name: None,
             topology: None,
             policy: RetryPolicy::default(),
@@ -59,7 +61,9 @@ impl Consumer {
             limits: ContractLimits::default(),
             confirm_timeout: None,
             requeue_delay: None,
+            max_hold: None,
             shutdown_timeout: None,
+            #[cfg(feature = "failpoints")]
             fault_injection: None,
             retry_in_place: false,
             batch: None,
@@ -159,11 +163,25 @@ impl ConsumerHandle {
     }
 }
 
+/// Why a [`ConsumerBuilder`] cannot build its consumer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No broker was named: a consumer never connects to a default broker silently.
+    #[error(
+        "no AMQP URL: call .amqp_url(..) with your broker's URL, or .local_broker() for {LOCAL_AMQP_URL}"
+    )]
+    MissingAmqpUrl,
+    /// A setting the runtime cannot run with (the same rules as the configuration file's).
+    #[error("invalid consumer setting {0}")]
+    Invalid(#[from] InvalidOption),
+}
+
 /// Builder of a [`Consumer`].
 pub struct ConsumerBuilder<H> {
     handler: H,
     inbox: Inbox,
-    amqp_url: String,
+    amqp_url: Option<String>,
     connection_name: Option<String>,
     topology: Option<Topology>,
     policy: RetryPolicy,
@@ -173,7 +191,9 @@ pub struct ConsumerBuilder<H> {
     limits: ContractLimits,
     confirm_timeout: Option<Duration>,
     requeue_delay: Option<Duration>,
+    max_hold: Option<Duration>,
     shutdown_timeout: Option<Duration>,
+    #[cfg(feature = "failpoints")]
     fault_injection: Option<FaultInjection>,
     retry_in_place: bool,
     batch: Option<BatchOptions>,
@@ -189,9 +209,17 @@ impl<H> std::fmt::Debug for ConsumerBuilder<H> {
 }
 
 impl<H: Handler> ConsumerBuilder<H> {
-    /// RabbitMQ URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// RabbitMQ URL. Required: [`build`](Self::build) refuses a consumer without one, unless
+    /// [`local_broker`](Self::local_broker) asked for the local default.
     pub fn amqp_url(mut self, url: impl Into<String>) -> Self {
-        self.amqp_url = url.into();
+        self.amqp_url = Some(url.into());
+        self
+    }
+
+    /// The broker of a development machine, `amqp://guest:guest@127.0.0.1:5672/%2f`, chosen
+    /// explicitly.
+    pub fn local_broker(mut self) -> Self {
+        self.amqp_url = Some(LOCAL_AMQP_URL.to_owned());
         self
     }
 
@@ -221,13 +249,15 @@ impl<H: Handler> ConsumerBuilder<H> {
         self
     }
 
-    /// Broker prefetch (unacked deliveries in flight). Default 32.
+    /// Broker prefetch (unacked deliveries in flight). Default 32; in batched mode
+    /// `max_messages × concurrency`. At least the concurrency.
     pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = Some(prefetch);
         self
     }
 
-    /// Deliveries processed at once. Default 8. Keep the database pool at least this large.
+    /// Deliveries processed at once (batches, in batched mode). Default 8, at least 1. Keep the
+    /// database pool at least this large.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = Some(concurrency);
         self
@@ -245,9 +275,18 @@ impl<H: Handler> ConsumerBuilder<H> {
         self
     }
 
-    /// Pause before a message goes back to the queue after a database outage. Default 1 s.
+    /// First wait before a delivery held through a database outage (or a copy that cannot be
+    /// confirmed) is tried again; the waits double, jittered, up to 30 s. Default 1 s.
     pub fn requeue_delay(mut self, delay: Duration) -> Self {
         self.requeue_delay = Some(delay);
+        self
+    }
+
+    /// Longest a delivery is held through an infrastructure failure before it is given back
+    /// (republished to the queue's tail, so no delivery count grows). Keep it below the broker's
+    /// consumer acknowledgement timeout (30 min by default). Default 15 min.
+    pub fn max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = Some(max_hold);
         self
     }
 
@@ -265,7 +304,8 @@ impl<H: Handler> ConsumerBuilder<H> {
         self
     }
 
-    /// Strict per-queue order: concurrency 1, prefetch 1, and retries on the same delivery
+    /// Strict per-queue order: concurrency 1, prefetch 1 (other values are refused by
+    /// [`build`](Self::build), as is batched mode), and retries on the same delivery
     /// (wait the tier's delay, run again) instead of through the delay queues, so no later
     /// message overtakes an earlier one.
     ///
@@ -292,18 +332,23 @@ impl<H: Handler> ConsumerBuilder<H> {
     /// batch instead of one per message. The cost: a message waits up to `max_wait` for its
     /// batch, and a handler error that is not a database error still costs only its savepoint,
     /// but a batch whose commit fails is delivered again whole. Ignored with
-    /// [`strict_order`](Self::strict_order).
+    /// [`strict_order`](Self::strict_order): [`build`](Self::build) refuses both at once, and a
+    /// `max_messages` of 0.
     pub fn batch(mut self, max_messages: usize, max_wait: Duration) -> Self {
         self.batch = Some(BatchOptions {
-            max_messages: max_messages.max(1),
+            max_messages,
             max_wait,
         });
         self
     }
 
     /// Applies a consumer's settings from the configuration file: topology, retry policy,
-    /// prefetch, concurrency, handler timeout, batched mode and strict order.
+    /// prefetch, concurrency, handler timeout, batched mode and strict order (checked when the
+    /// file was loaded, by the same rules as [`build`](Self::build)).
     pub fn configure(mut self, settings: &crate::config::ConsumerSettings) -> Self {
+        if settings.strict_order {
+            self = self.strict_order();
+        }
         self = self
             .topology(settings.topology.clone())
             .retry_policy(settings.retry_policy.clone())
@@ -315,56 +360,58 @@ impl<H: Handler> ConsumerBuilder<H> {
         if let Some((max_messages, max_wait)) = settings.batch {
             self = self.batch(max_messages, max_wait);
         }
-        if settings.strict_order {
-            self = self.strict_order();
-        }
         self
     }
 
-    /// Test hook that simulates a crash between commit and ack.
-    #[doc(hidden)]
+    /// Test hook that simulates a crash between commit and ack (`failpoints` feature only).
+    #[cfg(feature = "failpoints")]
     pub fn fault_injection(mut self, fault: FaultInjection) -> Self {
         self.fault_injection = Some(fault);
         self
     }
 
-    /// The consumer.
-    pub fn build(self) -> Consumer {
+    /// The consumer, or why it cannot run: no AMQP URL, or settings the runtime refuses
+    /// ([`ConsumerOptions::validate`]: the same rules as the configuration file's). Nothing is
+    /// clamped or dropped silently.
+    pub fn build(self) -> Result<Consumer, BuildError> {
+        let amqp_url = self.amqp_url.ok_or(BuildError::MissingAmqpUrl)?;
         let name = self.handler.consumer_name().to_owned();
         let topology = self
             .topology
             .unwrap_or_else(|| Topology::new(name.clone(), format!("{name}.q")))
             .retry_tiers(self.policy.tiers());
-        let mut options = ConsumerOptions::new(name, self.amqp_url, topology.clone());
+        let mut options = ConsumerOptions::new(name, amqp_url, topology.clone());
         options.limits = self.limits;
         if let Some(v) = self.connection_name {
             options.connection_name = v;
         }
-        options.fault_injection = self.fault_injection;
+        #[cfg(feature = "failpoints")]
+        {
+            options.fault_injection = self.fault_injection;
+        }
         options.retry_in_place = self.retry_in_place;
         if let Some(v) = self.concurrency {
             options.concurrency = v;
         }
         options.batch = self.batch;
-        match (self.prefetch, self.batch) {
-            (Some(v), _) => options.prefetch = v,
-            (None, Some(batch)) => {
-                options.prefetch = (batch
-                    .max_messages
-                    .saturating_mul(options.concurrency.max(1)))
-                .min(u16::MAX as usize) as u16;
-            }
-            (None, None) => {}
-        }
+        options.prefetch = match (self.prefetch, self.batch) {
+            (Some(v), _) => v,
+            (None, Some(batch)) => batch.prefetch_for(options.concurrency),
+            (None, None) => options.prefetch,
+        };
         if let Some(v) = self.confirm_timeout {
             options.confirm_timeout = v;
         }
         if let Some(v) = self.requeue_delay {
             options.requeue_delay = v;
         }
+        if let Some(v) = self.max_hold {
+            options.max_hold = v;
+        }
         if let Some(v) = self.shutdown_timeout {
             options.shutdown_timeout = v;
         }
+        options.validate()?;
         let processor = InboxProcessor::new(
             self.handler,
             self.inbox,
@@ -372,10 +419,10 @@ impl<H: Handler> ConsumerBuilder<H> {
             self.classifier,
             topology.queue(),
         );
-        Consumer {
+        Ok(Consumer {
             runtime: ConsumerRuntime::new(options, Arc::new(processor)),
             topology,
-        }
+        })
     }
 }
 

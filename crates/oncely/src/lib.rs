@@ -5,19 +5,23 @@ mod consumer;
 mod handler;
 #[cfg(feature = "observability")]
 pub mod observability;
+mod service;
 mod shutdown;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle};
+pub use consumer::{BuildError, Consumer, ConsumerBuilder, ConsumerHandle};
 pub use handler::{BoxFuture, Handler};
+pub use service::{Service, ServiceError};
 pub use shutdown::shutdown_signal;
 
 pub use diesel_async::AsyncPgConnection;
+#[cfg(feature = "failpoints")]
+pub use oncely_amqp::FaultInjection;
 pub use oncely_amqp::{
-    AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, FaultInjection,
-    OutgoingMessage, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology, caused_by,
-    close_channel, close_connection, connect, current_cause, open_connection,
+    AmqpError, Backoff, ConfirmPublisher, ConsumerStats, DelayQueue, OutgoingMessage, Publisher,
+    PublisherOptions, QueueType, StatsSnapshot, Topology, caused_by, close_channel,
+    close_connection, connect, current_cause, open_connection,
 };
 pub use oncely_amqp::{QueueDepth, queue_depth};
 pub use oncely_core::{

@@ -26,7 +26,8 @@ async fn debug_of_a_consumer_shows_its_amqp_url_without_the_password() {
         .amqp_url(format!(
             "amqps://app:{AMQP_SECRET}@rabbit.example:5671/prod"
         ))
-        .build();
+        .build()
+        .expect("valid consumer settings");
     let shown = format!("{consumer:?}");
     assert!(!shown.contains(AMQP_SECRET), "{shown}");
     assert!(!shown.contains(PG_SECRET), "{shown}");

@@ -30,9 +30,10 @@ mod relay;
 mod schema;
 
 pub use message::{MessageError, NewOutboxMessage, NewOutboxMessageBuilder, enqueue, enqueue_many};
+#[cfg(feature = "failpoints")]
+pub use relay::RelayFault;
 pub use relay::{
-    Backlog, CycleOutcome, Relay, RelayError, RelayFault, RelayOptions, RelayStats,
-    RelayStatsSnapshot,
+    Backlog, CycleOutcome, Relay, RelayError, RelayOptions, RelayStats, RelayStatsSnapshot,
 };
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};

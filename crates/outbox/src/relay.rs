@@ -71,6 +71,8 @@ impl Default for RelayOptions {
 }
 
 /// A test hook: publish, then die before marking (as a relay killed between confirm and commit).
+/// Only with the `failpoints` feature, as the other fault hooks.
+#[cfg(feature = "failpoints")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayFault {
     /// Roll the claim back after the confirms arrived, without marking anything published.
@@ -88,7 +90,8 @@ pub enum RelayError {
     /// No database connection.
     #[error("no database connection: {0}")]
     Pool(#[from] oncely_inbox::PoolError),
-    /// The fault hook fired.
+    /// The fault hook fired (`failpoints` feature only).
+    #[cfg(feature = "failpoints")]
     #[error("fault injection: crashed after confirm, before marking")]
     InjectedCrash,
 }
@@ -226,6 +229,7 @@ pub struct Relay {
     publisher: Arc<Publisher>,
     options: RelayOptions,
     stats: Arc<RelayStats>,
+    #[cfg(feature = "failpoints")]
     fault: Option<RelayFault>,
     health: RelayHealth,
 }
@@ -260,6 +264,7 @@ impl Relay {
             database_url,
             publisher,
             stats: Arc::new(RelayStats::default()),
+            #[cfg(feature = "failpoints")]
             fault: None,
             health: RelayHealth {
                 database: Registry::global().register(
@@ -277,8 +282,8 @@ impl Relay {
         }
     }
 
-    /// Installs a test fault.
-    #[doc(hidden)]
+    /// Installs a test fault (`failpoints` feature only).
+    #[cfg(feature = "failpoints")]
     pub fn with_fault(mut self, fault: RelayFault) -> Self {
         self.fault = Some(fault);
         self
@@ -307,6 +312,7 @@ impl Relay {
                         failures = 0;
                         outcome.published > 0 || outcome.claimed as i64 >= self.options.batch_size
                     }
+                    #[cfg(feature = "failpoints")]
                     Err(RelayError::InjectedCrash) => break Err(RelayError::InjectedCrash),
                     Err(e) => {
                         tracing::warn!(error = %e, "outbox relay cycle failed");
@@ -391,7 +397,8 @@ impl Relay {
                 }
             }
             Err(RelayError::Database(_) | RelayError::Pool(_)) => self.health.database.down(),
-            Err(_) => {}
+            #[cfg(feature = "failpoints")]
+            Err(RelayError::InjectedCrash) => {}
         }
         result
     }
@@ -425,6 +432,7 @@ impl Relay {
                     .publisher
                     .publish_batch(&messages, self.options.max_outstanding)
                     .await;
+                #[cfg(feature = "failpoints")]
                 if self.fault == Some(RelayFault::CrashAfterConfirm) {
                     return Err(RelayError::InjectedCrash);
                 }

@@ -47,18 +47,24 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => println!("migrations applied"),
         Command::Run => {
-            let _observability = oncely::observability::serve_from_env(&pool).await?;
             let consumer = cli
                 .services
-                .batching(Consumer::builder(audit::record_event, Inbox::new(pool)))
+                .batching(Consumer::builder(
+                    audit::record_event,
+                    Inbox::new(pool.clone()),
+                ))
                 .amqp_url(&cli.services.amqp_url)
                 .connection_name(&cli.connection_name)
                 .topology(audit::topology(&cli.exchange, &cli.queue))
-                .build();
-            cli.services
-                .print_stats(audit::CONSUMER, consumer.stats_handle());
-            consumer.run(oncely::shutdown_signal()).await?;
-            let s = consumer.stats();
+                .build()?;
+            let stats = consumer.stats_handle();
+            cli.services.print_stats(audit::CONSUMER, stats.clone());
+            oncely::Service::new(audit::CONSUMER)
+                .database(pool)
+                .consumer(consumer)
+                .run()
+                .await?;
+            let s = stats.snapshot();
             println!(
                 "audit stopped: kept {} events, {} duplicates skipped",
                 s.processed, s.duplicates

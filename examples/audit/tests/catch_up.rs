@@ -32,6 +32,7 @@ async fn audit_catches_up_after_being_down_with_nothing_missing_or_doubled() {
         h.consumer(audit::record_event)
             .topology(topology.clone())
             .build()
+            .expect("valid consumer settings")
     };
     publish(0, 150).await; // audit is down
     let first = h.start(consumer());

@@ -94,39 +94,44 @@ async fn main() -> anyhow::Result<()> {
             connection_name,
             config,
         } => {
-            let mut _observability = None;
-            let consumer = match config {
+            let (consumer, pool) = match config {
                 Some(path) => {
                     let config = oncely::config::Config::load(&path)?;
                     let pool = oncely::connect_pool(
                         &config.connections.database_url,
                         &PoolOptions::default(),
                     );
-                    _observability = oncely::observability::serve_from_env(&pool).await?;
-                    Consumer::builder(create_invoice, Inbox::new(pool))
+                    let consumer = Consumer::builder(create_invoice, Inbox::new(pool.clone()))
                         .amqp_url(&config.connections.amqp_url)
                         .configure(config.consumer(billing::CONSUMER)?)
-                        .build()
+                        .build()?;
+                    (consumer, pool)
                 }
                 None => {
-                    _observability = oncely::observability::serve_from_env(&pool).await?;
                     let topology =
                         oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
-                    cli.services
+                    let consumer = cli
+                        .services
                         .batching(consumer(
                             &cli.services.amqp_url,
-                            pool,
+                            pool.clone(),
                             concurrency,
                             topology,
                         ))
                         .connection_name(connection_name)
-                        .build()
+                        .build()?;
+                    (consumer, pool)
                 }
             };
-            cli.services
-                .print_stats(billing::CONSUMER, consumer.stats_handle());
-            consumer.run(oncely::shutdown_signal()).await?;
-            print_stats(&consumer.stats());
+            let stats = consumer.stats_handle();
+            cli.services.print_stats(billing::CONSUMER, stats.clone());
+            // Metrics and health from METRICS_ADDR, one graceful shutdown on Ctrl-C / SIGTERM.
+            oncely::Service::new(billing::CONSUMER)
+                .database(pool)
+                .consumer(consumer)
+                .run()
+                .await?;
+            print_stats(&stats.snapshot());
         }
         Command::Publish { batch } => {
             let prefix = run_prefix();
@@ -215,7 +220,7 @@ async fn demo(
         summary.poison
     );
     let consumer = consumer(amqp_url, pool.clone(), concurrency, billing::topology())
-        .build()
+        .build()?
         .spawn();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(timeout_secs);

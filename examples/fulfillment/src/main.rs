@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
                 .topology(fulfillment::topology(&exchange, &queue))
                 .retry_policy(policy)
                 .concurrency(concurrency)
-                .build();
+                .build()?;
             cli.services
                 .print_stats(fulfillment::CONSUMER, consumer.stats_handle());
             let (stop_reconciler, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -72,7 +72,8 @@ async fn failed_and_lost_api_calls_never_reserve_an_order_twice() {
         .consumer(handler(&h, &api))
         .retry_policy(RetryPolicy::new(30, tiers.to_vec()))
         .concurrency(8)
-        .build();
+        .build()
+        .expect("valid consumer settings");
     let running = h.start(consumer);
     let sent = h.publish_orders(100, 0.2, 11).await;
     running
@@ -133,7 +134,8 @@ async fn an_api_success_rolled_back_before_the_commit_is_not_reserved_again() {
             failed: AtomicU64::new(0),
         })
         .retry_policy(RetryPolicy::new(3, tiers.to_vec()))
-        .build();
+        .build()
+        .expect("valid consumer settings");
     let running = h.start(consumer);
     let sent = h.publish_orders(40, 0.0, 3).await;
     running
@@ -171,7 +173,8 @@ async fn the_reconciler_settles_a_lost_response_and_a_replay_does_not_call_again
     let consumer = h
         .consumer(handler(&h, &api))
         .retry_policy(RetryPolicy::no_retries())
-        .build();
+        .build()
+        .expect("valid consumer settings");
     let running = h.start(consumer);
     let order = oncely_example_messages::sample_order(&h.name, 1);
     h.publish_order(&order).await;

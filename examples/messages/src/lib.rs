@@ -123,7 +123,7 @@ impl Services {
 pub fn stats_line(consumer: &str, s: &oncely::StatsSnapshot) -> String {
     format!(
         "oncely-stats consumer={consumer} received={} processed={} duplicates={} retried={} \
-         dead_lettered={} parked={} requeued={} reconnects={}",
+         dead_lettered={} parked={} requeued={} held={} reconnects={}",
         s.received,
         s.processed,
         s.duplicates,
@@ -131,6 +131,7 @@ pub fn stats_line(consumer: &str, s: &oncely::StatsSnapshot) -> String {
         s.dead_lettered,
         s.parked,
         s.requeued,
+        s.held,
         s.reconnects
     )
 }
@@ -155,6 +156,7 @@ pub fn parse_stats_line(line: &str) -> Option<(String, oncely::StatsSnapshot)> {
             "dead_lettered" => s.dead_lettered = n,
             "parked" => s.parked = n,
             "requeued" => s.requeued = n,
+            "held" => s.held = n,
             "reconnects" => s.reconnects = n,
             _ => {}
         }
@@ -257,6 +259,7 @@ mod tests {
             dead_lettered: 1,
             parked: 0,
             requeued: 3,
+            held: 4,
             ack_failures: 0,
             reconnects: 1,
         };

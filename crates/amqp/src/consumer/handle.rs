@@ -43,7 +43,8 @@ pub(super) async fn handle_delivery(
             },
             Ok(mut metadata) => {
                 record_metadata(&tracing::Span::current(), &metadata);
-                let mut decision = process(&shared, &metadata, &delivery.data).await;
+                let decision = process(&shared, &metadata, &delivery.data).await;
+                let mut decision = hold(&shared, &metadata, &delivery.data, decision).await;
                 // Strict order: retry on this very delivery, so no later message overtakes it.
                 while options.retry_in_place
                     && let Decision::Retry {
@@ -60,7 +61,8 @@ pub(super) async fn handle_delivery(
                     tokio::time::sleep(delay).await;
                     metadata.attempt = next_attempt;
                     tracing::Span::current().record("attempt", metadata.attempt);
-                    decision = process(&shared, &metadata, &delivery.data).await;
+                    let retried = process(&shared, &metadata, &delivery.data).await;
+                    decision = hold(&shared, &metadata, &delivery.data, retried).await;
                 }
                 if crashes_after_commit(&shared, &session, &decision, &metadata).await {
                     return;
@@ -162,6 +164,9 @@ pub(super) async fn handle_batch(
         }
         let mut decisions = decisions.into_iter();
         for slot in slots.iter_mut() {
+            if slot.outcome.is_some() {
+                continue;
+            }
             if let Some(metadata) = &slot.metadata {
                 // Fail safe: a processor that gave fewer results than items acks nothing.
                 let decision = decisions.next().unwrap_or_else(|| {
@@ -178,6 +183,7 @@ pub(super) async fn handle_batch(
             }
         }
     }
+    hold_batch(&shared, &mut slots).await;
     for slot in &slots {
         if let (Some(metadata), Some(outcome)) = (&slot.metadata, &slot.outcome)
             && crashes_after_commit(&shared, &session, &outcome.decision, metadata).await
@@ -211,8 +217,106 @@ pub(super) async fn handle_batch(
     drop(permit);
 }
 
+/// Holds a delivery whose processing failed outside it (the database down): it stays unacked
+/// and keeps its concurrency slot, so once every slot holds one, intake takes no more and the
+/// prefetch stays full; it is processed again with backoff (each try is the probe) until it
+/// succeeds, shutdown begins, or [`max_hold`](super::ConsumerOptions::max_hold) passes. Nothing
+/// is handed back to the broker in a loop: a quorum queue counts every return toward its
+/// delivery limit.
+async fn hold(shared: &Shared, metadata: &Metadata, body: &[u8], decision: Decision) -> Decision {
+    if !matches!(decision, Decision::Requeue { .. }) {
+        return decision;
+    }
+    ConsumerStats::bump(&shared.stats.held);
+    let since = Instant::now();
+    let mut decision = decision;
+    let mut retry = 0;
+    while let Decision::Requeue { reason } = &decision {
+        if !shared.may_hold(since) {
+            break;
+        }
+        let delay = shared.hold_delay(retry);
+        tracing::warn!(code = %reason.code, reason = %reason.message, ?delay, "not the message's fault: holding it unacked and trying again");
+        shared.hold_for(delay).await;
+        if shared.stopping.is_cancelled() {
+            break;
+        }
+        retry = retry.saturating_add(1);
+        decision = process(shared, metadata, body).await;
+    }
+    decision
+}
+
+/// [`hold`] for the deliveries of a batch that came to a requeue: they are processed again
+/// together, with backoff, the rest of the batch waiting with them.
+async fn hold_batch(shared: &Shared, slots: &mut [Slot]) {
+    let held = |slots: &[Slot]| -> Vec<usize> {
+        slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.metadata.is_some()
+                    && matches!(
+                        s.outcome,
+                        Some(Outcome {
+                            decision: Decision::Requeue { .. },
+                            ..
+                        })
+                    )
+            })
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let mut waiting = held(slots);
+    if waiting.is_empty() {
+        return;
+    }
+    for _ in &waiting {
+        ConsumerStats::bump(&shared.stats.held);
+    }
+    let since = Instant::now();
+    let mut retry = 0;
+    while !waiting.is_empty() && shared.may_hold(since) {
+        let delay = shared.hold_delay(retry);
+        tracing::warn!(
+            held = waiting.len(),
+            ?delay,
+            "batch not processed for a reason outside its messages: holding them unacked and trying again"
+        );
+        shared.hold_for(delay).await;
+        if shared.stopping.is_cancelled() {
+            break;
+        }
+        retry = retry.saturating_add(1);
+        let items: Vec<(Metadata, &[u8])> = waiting
+            .iter()
+            .filter_map(|&i| {
+                let slot = &slots[i];
+                slot.metadata.clone().map(|m| (m, &slot.delivery.data[..]))
+            })
+            .collect();
+        let decisions = shared.processor.process_batch(items).await;
+        let mut decisions = decisions.into_iter();
+        for &i in &waiting {
+            if let Some(outcome) = slots[i].outcome.as_mut() {
+                outcome.decision = decisions.next().unwrap_or_else(|| {
+                    Decision::requeue("no_outcome", "the processor gave no result")
+                });
+            }
+        }
+        waiting = held(slots);
+    }
+}
+
+/// Without the `failpoints` feature there is no fault hook.
+#[cfg(not(feature = "failpoints"))]
+async fn crashes_after_commit(_: &Shared, _: &Session, _: &Decision, _: &Metadata) -> bool {
+    false
+}
+
 /// The test hook of [`super::FaultInjection`]: true when it closed the connection instead of
 /// letting the committed delivery be acked, as a crash there would.
+#[cfg(feature = "failpoints")]
 async fn crashes_after_commit(
     shared: &Shared,
     session: &Session,

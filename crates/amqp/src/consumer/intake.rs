@@ -90,6 +90,12 @@ impl ConsumerRuntime {
             Kind::Broker,
             false,
         );
+        // Held deliveries learn of the shutdown at once, not after the drain timeout.
+        let stopping = shared.stopping.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.cancel();
+        };
         tokio::pin!(shutdown);
         let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
         let mut tasks = JoinSet::new();

@@ -93,7 +93,9 @@ fn invalid(setting: &'static str, problem: impl Into<String>) -> InvalidOption {
     }
 }
 
-/// A test hook that simulates a crash between the commit and the ack.
+/// A test hook that simulates a crash between the commit and the ack (`failpoints` feature
+/// only, as the other fault hooks).
+#[cfg(feature = "failpoints")]
 #[derive(Clone)]
 pub struct FaultInjection {
     /// Called after a delivery was processed (committed) and before it is acked; `true` closes
@@ -101,6 +103,7 @@ pub struct FaultInjection {
     pub crash_after_commit: Arc<dyn Fn(&Metadata) -> bool + Send + Sync>,
 }
 
+#[cfg(feature = "failpoints")]
 impl std::fmt::Debug for FaultInjection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("FaultInjection { .. }")
@@ -131,8 +134,15 @@ pub struct ConsumerOptions {
     pub confirm_timeout: Duration,
     /// Backoff between reconnection attempts (retried for ever while running).
     pub reconnect: Backoff,
-    /// Pause before a message is given back after an infrastructure failure. Default 1 s.
+    /// First wait before a held delivery is processed again after an infrastructure failure
+    /// (the database down, a copy that cannot be confirmed); the waits double, jittered, up to
+    /// 30 s. Default 1 s.
     pub requeue_delay: Duration,
+    /// Longest a delivery is held through an infrastructure failure before it is given back
+    /// (republished to the queue's tail, so no delivery count grows; nacked under strict order).
+    /// Keep it below the broker's consumer acknowledgement timeout (30 min by default), which
+    /// closes the channel. Default 15 min.
+    pub max_hold: Duration,
     /// Longest wait for in-flight deliveries at shutdown. Default 30 s.
     pub shutdown_timeout: Duration,
     /// Retry on the same delivery (wait, then run again) instead of through the delay queues,
@@ -143,7 +153,8 @@ pub struct ConsumerOptions {
     /// processed together, `concurrency` batches at once. `None` (the default): one delivery at
     /// a time. Refused with `retry_in_place` (see [`ConsumerOptions::validate`]).
     pub batch: Option<BatchOptions>,
-    /// Test hook; `None` in production.
+    /// Test hook (`failpoints` feature only).
+    #[cfg(feature = "failpoints")]
     pub fault_injection: Option<FaultInjection>,
 }
 
@@ -162,10 +173,12 @@ impl std::fmt::Debug for ConsumerOptions {
             confirm_timeout,
             reconnect,
             requeue_delay,
+            max_hold,
             shutdown_timeout,
             retry_in_place,
             batch,
-            fault_injection,
+            #[cfg(feature = "failpoints")]
+                fault_injection: _,
         } = self;
         f.debug_struct("ConsumerOptions")
             .field("consumer_name", consumer_name)
@@ -179,11 +192,11 @@ impl std::fmt::Debug for ConsumerOptions {
             .field("confirm_timeout", confirm_timeout)
             .field("reconnect", reconnect)
             .field("requeue_delay", requeue_delay)
+            .field("max_hold", max_hold)
             .field("shutdown_timeout", shutdown_timeout)
             .field("retry_in_place", retry_in_place)
             .field("batch", batch)
-            .field("fault_injection", fault_injection)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -210,9 +223,11 @@ impl ConsumerOptions {
                 ..Backoff::default()
             },
             requeue_delay: Duration::from_secs(1),
+            max_hold: Duration::from_secs(15 * 60),
             shutdown_timeout: Duration::from_secs(30),
             retry_in_place: false,
             batch: None,
+            #[cfg(feature = "failpoints")]
             fault_injection: None,
         }
     }
@@ -231,10 +246,28 @@ impl ConsumerOptions {
         if self.concurrency == 0 {
             return Err(invalid("concurrency", "must be at least 1"));
         }
+        if self.batch.is_some_and(|b| b.max_messages == 0) {
+            return Err(invalid("batch_size", "must be at least 1"));
+        }
         if self.prefetch == 0 {
             return Err(invalid(
                 "prefetch",
                 "must be at least 1 (0 would mean unlimited)",
+            ));
+        }
+        if self.batch.is_some() && self.retry_in_place {
+            return Err(invalid(
+                "strict_order",
+                "batched mode cannot keep strict order: choose one",
+            ));
+        }
+        if self.retry_in_place && (self.concurrency != 1 || self.prefetch != 1) {
+            return Err(invalid(
+                "strict_order",
+                format!(
+                    "needs concurrency 1 and prefetch 1, not {} and {}",
+                    self.concurrency, self.prefetch
+                ),
             ));
         }
         if usize::from(self.prefetch) < self.concurrency {
@@ -244,26 +277,6 @@ impl ConsumerOptions {
                     "{} is below the concurrency {}: the broker would never send enough \
                      deliveries to use it",
                     self.prefetch, self.concurrency
-                ),
-            ));
-        }
-        if let Some(batch) = &self.batch {
-            if batch.max_messages == 0 {
-                return Err(invalid("batch_size", "must be at least 1"));
-            }
-            if self.retry_in_place {
-                return Err(invalid(
-                    "strict_order",
-                    "batched mode cannot keep strict order: choose one",
-                ));
-            }
-        }
-        if self.retry_in_place && (self.concurrency != 1 || self.prefetch != 1) {
-            return Err(invalid(
-                "strict_order",
-                format!(
-                    "needs concurrency 1 and prefetch 1, not {} and {}",
-                    self.concurrency, self.prefetch
                 ),
             ));
         }
@@ -282,6 +295,8 @@ struct Shared {
     stats: Arc<ConsumerStats>,
     metrics: OnceLock<ConsumerMetrics>,
     in_flight: InFlightDeliveries,
+    /// Cancelled once shutdown begins: held deliveries stop waiting and are given back.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The deliveries handed to a task and not yet settled, so that a shutdown that has to abandon
@@ -345,6 +360,30 @@ impl Shared {
 }
 
 impl Shared {
+    /// The wait before try `retry` (0-based) of a held delivery: from `requeue_delay`, doubling
+    /// up to 30 s, with equal jitter so held deliveries do not probe in lockstep.
+    fn hold_delay(&self, retry: u32) -> Duration {
+        Backoff {
+            initial: self.options.requeue_delay,
+            max: Duration::from_secs(30).max(self.options.requeue_delay),
+            max_attempts: None,
+        }
+        .jittered(retry, fastrand::f64())
+    }
+
+    /// Whether a delivery held since `since` may wait for another try.
+    fn may_hold(&self, since: std::time::Instant) -> bool {
+        !self.stopping.is_cancelled() && since.elapsed() < self.options.max_hold
+    }
+
+    /// Sleeps `delay`, or less when shutdown begins.
+    async fn hold_for(&self, delay: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.stopping.cancelled() => {}
+        }
+    }
+
     /// The metric handles, taken at first use (after the application installed its recorder).
     fn metrics(&self) -> &ConsumerMetrics {
         self.metrics.get_or_init(|| {
@@ -378,6 +417,7 @@ impl ConsumerRuntime {
                 stats: Arc::new(ConsumerStats::default()),
                 metrics: OnceLock::new(),
                 in_flight: InFlightDeliveries::default(),
+                stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
     }

@@ -24,7 +24,8 @@ pub(crate) enum Settlement {
     /// Publish a copy with a confirm, then ack the original. When the copy cannot be confirmed,
     /// nothing is acked: the delivery is given back.
     CopyThenAck(Copy),
-    /// Give it back to the queue, without spending one of its retries.
+    /// Give it back to the queue, without spending one of its retries (after it was held as
+    /// long as allowed: see `handle::hold`).
     Requeue {
         /// What failed.
         reason: Reason,
@@ -157,8 +158,8 @@ pub(crate) async fn settle(
     let topology = &shared.options.topology;
     match plan(&outcome.decision, topology, outcome.attempt) {
         Settlement::Requeue { reason } => {
-            tracing::warn!(code = %reason.code, reason = %reason.message, "not the message's fault, giving it back");
-            requeue_later(shared, delivery, permit).await;
+            tracing::warn!(code = %reason.code, reason = %reason.message, "not the message's fault, and held as long as allowed: giving it back");
+            give_back(shared, publisher, delivery, permit).await;
             return;
         }
         Settlement::Ack(acked) => count_ack(shared, acked, outcome.occurred_at),
@@ -179,18 +180,32 @@ pub(crate) async fn settle(
                     final_copy: copy.kind.is_final(),
                 },
             );
-            let published = publisher
-                .publish(OutgoingMessage {
-                    exchange: "",
-                    routing_key: &copy.queue,
-                    body: &delivery.data,
-                    properties,
-                })
-                .await;
-            if let Err(e) = published {
-                tracing::error!(error = %e, to = %copy.queue, "could not publish the copy; giving the message back");
-                requeue_later(shared, delivery, permit).await;
-                return;
+            // The copy must be confirmed before the ack. While it cannot be (the broker path of
+            // the copy is down), the delivery is held, not handed back in a loop.
+            let since = std::time::Instant::now();
+            let mut retry = 0;
+            loop {
+                let published = publisher
+                    .publish(OutgoingMessage {
+                        exchange: "",
+                        routing_key: &copy.queue,
+                        body: &delivery.data,
+                        properties: properties.clone(),
+                    })
+                    .await;
+                let Err(e) = published else { break };
+                if retry == 0 {
+                    ConsumerStats::bump(&shared.stats.held);
+                }
+                if !shared.may_hold(since) {
+                    tracing::error!(error = %e, to = %copy.queue, "could not publish the copy; giving the message back");
+                    nack_requeue(shared, delivery).await;
+                    return;
+                }
+                let delay = shared.hold_delay(retry);
+                tracing::warn!(error = %e, to = %copy.queue, ?delay, "could not publish the copy; holding the message unacked and trying again");
+                shared.hold_for(delay).await;
+                retry = retry.saturating_add(1);
             }
             count_copy(shared, &copy);
             if copy.kind.is_final() {
@@ -248,11 +263,49 @@ fn count_copy(shared: &Shared, copy: &Copy) {
         .count_by_code(metric, &copy.reason.code, tier);
 }
 
-/// Gives the message back after `requeue_delay`. The concurrency slot is freed first: a message
-/// waiting to go back must not keep the others from being processed.
-async fn requeue_later(shared: &Shared, delivery: &Delivery, permit: Option<OwnedSemaphorePermit>) {
+/// Gives back a delivery held as long as allowed. Republished to the queue's tail (a new message:
+/// no delivery count grows, the inbox recognises the id) and then acked; under strict order, or
+/// at shutdown, or when the republish fails, nacked with requeue, which keeps its place.
+async fn give_back(
+    shared: &Shared,
+    publisher: &crate::publisher::ConfirmPublisher,
+    delivery: &Delivery,
+    permit: Option<OwnedSemaphorePermit>,
+) {
     drop(permit);
-    tokio::time::sleep(shared.options.requeue_delay).await;
+    if !shared.options.retry_in_place && !shared.stopping.is_cancelled() {
+        let republished = publisher
+            .publish(OutgoingMessage {
+                exchange: "",
+                routing_key: shared.options.topology.queue(),
+                body: &delivery.data,
+                properties: delivery.properties.clone(),
+            })
+            .await;
+        match republished {
+            Ok(()) => {
+                ConsumerStats::bump(&shared.stats.requeued);
+                shared.metrics().requeued.increment(1);
+                if !matches!(
+                    delivery.acker.ack(BasicAckOptions::default()).await,
+                    Ok(true)
+                ) {
+                    tracing::warn!(
+                        "ack not sent (channel gone); the broker redelivers it and the inbox recognises the copy"
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not republish the held message; nacking it");
+            }
+        }
+    }
+    nack_requeue(shared, delivery).await;
+}
+
+/// Hands the delivery back to the broker, which requeues it in place.
+async fn nack_requeue(shared: &Shared, delivery: &Delivery) {
     ConsumerStats::bump(&shared.stats.requeued);
     shared.metrics().requeued.increment(1);
     let options = BasicNackOptions {

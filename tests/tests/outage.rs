@@ -1,0 +1,75 @@
+//! A database outage never spends a delivery: deliveries are held (unacked, their concurrency
+//! slots kept, intake paused) and processed again with backoff, not handed back to the broker in
+//! a loop, which a quorum queue counts toward its delivery limit.
+
+use billing::{create_invoice, order};
+use oncely::{Consumer, Inbox, PoolOptions, QueueType, Topology};
+use oncely_e2e::gate::Gate;
+use oncely_e2e::{Harness, amqp_url, wait_until};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_holds_deliveries_and_spends_no_delivery_count() {
+    let h = Harness::new(&[]).await;
+    // A quorum queue that dead-letters after 2 returns: handing messages back once a
+    // `requeue_delay` during the outage would dead-letter them within a second.
+    let topology = Topology::new(h.topology.exchange(), format!("{}.quorum", h.name))
+        .bind(billing::ORDER_CREATED_V1)
+        .queue_type(QueueType::Quorum)
+        .delivery_limit(2);
+    topology
+        .declare(&h.connection)
+        .await
+        .expect("declare the quorum topology");
+    h.delete_topology(&topology);
+    let gate = Gate::start("127.0.0.1:5432".parse().expect("address")).await;
+    let pool = oncely::connect_pool(
+        &gate.url(h.schema.url(), 5432),
+        &PoolOptions {
+            max_size: 4,
+            connection_timeout: Duration::from_millis(500),
+        },
+    );
+    let consumer = Consumer::builder(create_invoice, Inbox::new(pool))
+        .amqp_url(amqp_url())
+        .connection_name(h.consumer_connection_name())
+        .topology(topology.clone())
+        .concurrency(2)
+        .prefetch(8)
+        .requeue_delay(Duration::from_millis(100))
+        .build()
+        .expect("valid consumer settings");
+    gate.close();
+    let running = h.start(consumer);
+    for n in 0..10 {
+        h.publish_order(&order(&h.name, n)).await;
+    }
+    running
+        .wait_for_stats("both slots holding a delivery", |s| s.held >= 2)
+        .await;
+    // The outage lasts: long enough for twenty returns at the requeue delay.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = running.stats();
+    assert_eq!(during.requeued, 0, "nothing handed back during the outage");
+    assert_eq!(
+        during.received, 2,
+        "intake paused: only the deliveries held in the two slots were taken"
+    );
+    gate.open();
+    wait_until("10 invoices", Duration::from_secs(60), || async {
+        h.invoices().await == 10
+    })
+    .await;
+    let after = running.stats();
+    assert_eq!(
+        (after.processed, after.dead_lettered, after.requeued),
+        (10, 0, 0)
+    );
+    running.stop().await.expect("stop");
+    assert_eq!(h.queue_len(topology.queue()).await, 0);
+    assert_eq!(
+        h.queue_len(&topology.dlq()).await,
+        0,
+        "nothing dead-lettered"
+    );
+}
