@@ -6,11 +6,10 @@
 //! `clock_timestamp()`. The publish time is taken just before `basic_publish`. Both clocks are
 //! this machine's.
 
-use crate::support::{billing_schema, delete_topology, publish_to_topology, wait_until};
+use crate::support::{billing_schema, on_scratch_topology, publish_to_topology, wait_until};
 use billing::{ORDER_CREATED_V1, order, order_properties};
 use lapin::Connection;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use oncely::testing::unique_name;
 use oncely::{Consumer, Inbox, PoolOptions, Topology};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,23 +52,20 @@ pub async fn measure(
     concurrency: usize,
     prefetch: u16,
 ) -> anyhow::Result<Latency> {
-    let name = unique_name("bench_latency");
-    let topology =
-        Topology::new(format!("oncely.{name}"), format!("{name}.q")).bind(ORDER_CREATED_V1);
-    topology.declare(connection).await?;
-    let result = run(
-        connection,
-        amqp_url,
-        &topology,
-        &name,
-        rate,
-        seconds,
-        concurrency,
-        prefetch,
-    )
-    .await;
-    delete_topology(connection, &topology).await;
-    result
+    on_scratch_topology(connection, "bench_latency", |topology, name| async move {
+        run(
+            connection,
+            amqp_url,
+            &topology,
+            &name,
+            rate,
+            seconds,
+            concurrency,
+            prefetch,
+        )
+        .await
+    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

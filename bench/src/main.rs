@@ -253,7 +253,7 @@ async fn broker_ceiling(
             }
         }
     }
-    support::delete_queues(connection, &[queue], None).await;
+    support::delete_queue(connection, &queue).await;
     result
 }
 

@@ -2,10 +2,9 @@
 //! binary, `consumer-child`), its queue kept full, and its RSS read from `/proc/<pid>/status`
 //! once a second.
 
-use crate::support::{billing_schema, delete_topology, publish_to_topology, queue_depth};
+use crate::support::{billing_schema, on_scratch_topology, publish_to_topology, queue_depth};
 use billing::ORDER_CREATED_V1;
 use lapin::Connection;
-use oncely::testing::unique_name;
 use oncely::{Consumer, Inbox, PoolOptions, Topology};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -96,22 +95,19 @@ pub async fn measure(
     concurrency: usize,
     prefetch: u16,
 ) -> anyhow::Result<Memory> {
-    let name = unique_name("bench_memory");
-    let topology =
-        Topology::new(format!("oncely.{name}"), format!("{name}.q")).bind(ORDER_CREATED_V1);
-    topology.declare(connection).await?;
-    let result = run(
-        connection,
-        amqp_url,
-        &topology,
-        &name,
-        duration,
-        concurrency,
-        prefetch,
-    )
-    .await;
-    delete_topology(connection, &topology).await;
-    result
+    on_scratch_topology(connection, "bench_memory", |topology, name| async move {
+        run(
+            connection,
+            amqp_url,
+            &topology,
+            &name,
+            duration,
+            concurrency,
+            prefetch,
+        )
+        .await
+    })
+    .await
 }
 
 async fn run(

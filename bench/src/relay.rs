@@ -1,12 +1,11 @@
 //! Outbox relay against a raw pipelined confirmed publish of the same messages.
 
 use crate::cpu;
-use crate::support::{delete_topology, queue_depth};
-use billing::ORDER_CREATED_V1;
+use crate::support::{on_scratch_topology, queue_depth};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use lapin::{BasicProperties, Connection};
 use oncely::outbox::{NewOutboxMessage, Relay, RelayOptions, enqueue_many};
-use oncely::testing::{TestSchema, unique_name};
+use oncely::testing::TestSchema;
 use oncely::{OutgoingMessage, PoolOptions, Publisher, PublisherOptions, Topology};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -35,16 +34,13 @@ pub async fn measure(
     window: usize,
     instances: &[usize],
 ) -> anyhow::Result<RelayFigures> {
-    let name = unique_name("bench_relay");
-    let topology =
-        Topology::new(format!("oncely.{name}"), format!("{name}.q")).bind(ORDER_CREATED_V1);
-    topology.declare(connection).await?;
-    let result = run(
-        connection, amqp_url, &topology, &name, count, window, instances,
-    )
-    .await;
-    delete_topology(connection, &topology).await;
-    result
+    on_scratch_topology(connection, "bench_relay", |topology, name| async move {
+        run(
+            connection, amqp_url, &topology, &name, count, window, instances,
+        )
+        .await
+    })
+    .await
 }
 
 async fn run(
@@ -230,7 +226,6 @@ async fn relay(
         let _ = publisher.publish_batch(&[], 1).await;
         publishers.push(publisher.clone());
         relays.push(Relay::new(
-            pool.clone(),
             schema.url(),
             publisher,
             RelayOptions {

@@ -3,10 +3,8 @@
 //! deliveries per transaction, `concurrency` batches at once).
 
 use crate::cpu;
-use crate::support::{billing_schema, delete_topology, publish_to_topology, wait_until};
-use billing::ORDER_CREATED_V1;
+use crate::support::{billing_schema, on_scratch_topology, publish_to_topology, wait_until};
 use lapin::Connection;
-use oncely::testing::unique_name;
 use oncely::{Consumer, Inbox, PoolOptions, Topology};
 use std::time::{Duration, Instant};
 
@@ -32,23 +30,20 @@ pub async fn drain(
     count: usize,
     batch: Option<usize>,
 ) -> anyhow::Result<Drained> {
-    let name = unique_name("bench_single");
-    let topology =
-        Topology::new(format!("oncely.{name}"), format!("{name}.q")).bind(ORDER_CREATED_V1);
-    topology.declare(connection).await?;
-    let result = measure(
-        connection,
-        amqp_url,
-        &topology,
-        &name,
-        concurrency,
-        prefetch,
-        count,
-        batch,
-    )
-    .await;
-    delete_topology(connection, &topology).await;
-    result
+    on_scratch_topology(connection, "bench_single", |topology, name| async move {
+        measure(
+            connection,
+            amqp_url,
+            &topology,
+            &name,
+            concurrency,
+            prefetch,
+            count,
+            batch,
+        )
+        .await
+    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

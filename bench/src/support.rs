@@ -8,8 +8,9 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use oncely::Topology;
-use oncely::testing::TestSchema;
+use oncely::testing::{TestSchema, unique_name};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -55,31 +56,39 @@ pub async fn declare_plain_queue(connection: &Connection, queue: &str) -> anyhow
     Ok(())
 }
 
-/// Deletes queues (missing ones are fine) and, when given, an exchange.
-pub async fn delete_queues(connection: &Connection, queues: &[String], exchange: Option<&str>) {
+/// Deletes a queue (a missing one is fine).
+pub async fn delete_queue(connection: &Connection, queue: &str) {
     let Ok(channel) = connection.create_channel().await else {
         return;
     };
-    for q in queues {
-        let _ = channel
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    if let Some(exchange) = exchange {
-        let _ = channel
-            .exchange_delete(exchange.into(), Default::default())
-            .await;
-    }
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
     let _ = channel.close(200, "cleaned up".into()).await;
 }
 
-/// Deletes the queues and exchange of an oncely topology, with the delay queues the consumer
-/// builder adds for the default retry policy.
-pub async fn delete_topology(connection: &Connection, topology: &Topology) {
-    let with_tiers = topology
-        .clone()
-        .retry_tiers(oncely::RetryPolicy::default().tiers());
-    delete_queues(connection, &with_tiers.queues(), Some(topology.exchange())).await;
+/// Runs `measure` on a fresh topology bound to `order.created.v1` and named after `prefix`
+/// (it gets the topology and the unique name), then deletes the topology, with the delay
+/// queues the consumer builder adds for the default retry policy, whatever `measure` returned.
+pub async fn on_scratch_topology<T, F, Fut>(
+    connection: &Connection,
+    prefix: &str,
+    measure: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(Topology, String) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let name = unique_name(prefix);
+    let topology =
+        Topology::new(format!("oncely.{name}"), format!("{name}.q")).bind(ORDER_CREATED_V1);
+    topology.declare(connection).await?;
+    let result = measure(topology.clone(), name).await;
+    let _ = topology
+        .retry_tiers(oncely::RetryPolicy::default().tiers())
+        .delete(connection)
+        .await;
+    result
 }
 
 /// Publishes orders `<prefix>-<n>` for `range` as the order service does (same body and
@@ -149,20 +158,7 @@ pub async fn publish_to_topology(
 
 /// Messages ready in `queue`.
 pub async fn queue_depth(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
-    let channel = connection.create_channel().await?;
-    let depth = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?
-        .message_count();
-    let _ = channel.close(200, "peeked".into()).await;
-    Ok(depth)
+    Ok(oncely::queue_depth(connection, queue).await?.messages)
 }
 
 /// Polls `done` every 2 ms until it holds; fails after `limit`.

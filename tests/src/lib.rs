@@ -4,11 +4,8 @@
 
 use billing::{ORDER_CREATED_V1, OrderCreated, PublishPlan, PublishSummary};
 use futures_lite::future;
-use oncely::lapin::options::{
-    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use oncely::lapin::types::{AMQPValue, FieldTable};
+use oncely::lapin::options::{BasicAckOptions, BasicGetOptions};
+use oncely::lapin::types::AMQPValue;
 use oncely::lapin::{BasicProperties, Connection};
 use oncely::testing::{TestSchema, unique_name};
 use oncely::{
@@ -225,7 +222,7 @@ impl Harness {
                 ..oncely::PublisherOptions::default()
             },
         ));
-        oncely::outbox::Relay::new(self.pool.clone(), self.schema.url(), publisher, options)
+        oncely::outbox::Relay::new(self.schema.url(), publisher, options)
     }
 
     /// Outbox rows (published, unpublished).
@@ -383,20 +380,10 @@ impl Harness {
 
     /// (messages ready, consumers) of `queue`.
     pub async fn queue_counts(&self, queue: &str) -> (u32, u32) {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let depth = oncely::queue_depth(&self.connection, queue)
             .await
             .expect("queue exists");
-        oncely::close_channel(&channel, 200, "done").await;
-        (q.message_count(), q.consumer_count())
+        (depth.messages, depth.consumers)
     }
 
     /// Takes every message out of `queue`.
@@ -490,18 +477,13 @@ fn close_connections_named(name: &str) -> usize {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        let t = self.topology.clone();
-        let url = self.amqp_url.clone();
-        let mut queues = Vec::new();
         let more = self
             .more_topologies
             .lock()
             .map(|more| more.clone())
             .unwrap_or_default();
-        for t in std::iter::once(&t).chain(&more) {
-            queues.extend([t.queue().to_owned(), t.dlq(), t.parking()]);
-            queues.extend((0..t.tiers().len()).filter_map(|i| t.retry_queue(i)));
-        }
+        let topologies: Vec<_> = std::iter::once(self.topology.clone()).chain(more).collect();
+        let url = self.amqp_url.clone();
         oncely::testing::block_on_thread(async move {
             // Any node of a cluster will do (the one the test used may be down).
             let once = oncely::Backoff {
@@ -511,15 +493,9 @@ impl Drop for Harness {
             let Ok(conn) = oncely::connect(&url, "cleanup", once).await else {
                 return;
             };
-            if let Ok(channel) = conn.create_channel().await {
-                for q in queues {
-                    let _ = channel
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                let _ = channel
-                    .exchange_delete(t.exchange().into(), ExchangeDeleteOptions::default())
-                    .await;
+            // Topologies of one harness may share the exchange: a second deletion is a no-op.
+            for t in &topologies {
+                let _ = t.delete(&conn).await;
             }
             oncely::close_connection(&conn, 200, "cleanup").await;
         });

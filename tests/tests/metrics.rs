@@ -10,13 +10,23 @@ use oncely::metric_names as m;
 use oncely::observability::{Observability, install_recorder};
 use oncely::outbox::{NewOutboxMessage, RelayOptions};
 use oncely::{
-    AmqpError, AsyncPgConnection, BoxFuture, ConfirmPublisher, Envelope, Handler, HandlerError,
-    OutgoingMessage, RetryPolicy,
+    AmqpError, AsyncPgConnection, ConfirmPublisher, Envelope, HandlerError, OutgoingMessage,
+    RetryPolicy,
 };
 use oncely_e2e::{Harness, http_get, metric_value as value, wait_until};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// An empty message that no queue is bound to take.
+fn to_nobody(exchange: &str) -> OutgoingMessage<'_> {
+    OutgoingMessage {
+        exchange,
+        routing_key: "nobody.listens",
+        body: b"{}",
+        properties: BasicProperties::default(),
+    }
+}
 
 fn scrape() -> String {
     install_recorder().expect("recorder").render()
@@ -218,20 +228,15 @@ struct Slow {
     name: String,
 }
 
-impl Handler for Slow {
-    type Message = serde_json::Value;
-    fn consumer_name(&self) -> &str {
-        &self.name
-    }
-    fn handle<'c>(
-        &'c self,
-        _conn: &'c mut AsyncPgConnection,
+#[oncely::handler(consumer = &self.name)]
+impl Slow {
+    async fn handle(
+        &self,
+        _conn: &mut AsyncPgConnection,
         _msg: Envelope<serde_json::Value>,
-    ) -> BoxFuture<'c, Result<(), HandlerError>> {
-        Box::pin(async move {
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            Ok(())
-        })
+    ) -> Result<(), HandlerError> {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Ok(())
     }
 }
 
@@ -274,25 +279,20 @@ struct LosesItsAck {
     closed: AtomicBool,
 }
 
-impl Handler for LosesItsAck {
-    type Message = serde_json::Value;
-    fn consumer_name(&self) -> &str {
-        "billing"
-    }
-    fn handle<'c>(
-        &'c self,
-        _conn: &'c mut AsyncPgConnection,
+#[oncely::handler(consumer = "billing")]
+impl LosesItsAck {
+    async fn handle(
+        &self,
+        _conn: &mut AsyncPgConnection,
         _msg: Envelope<serde_json::Value>,
-    ) -> BoxFuture<'c, Result<(), HandlerError>> {
-        Box::pin(async move {
-            if !self.closed.swap(true, Ordering::SeqCst) {
-                let closed = self.harness.close_consumer_connections().await;
-                assert_eq!(closed, 1, "the consumer's connection");
-                // Let the client read the broker's close before the runtime tries to ack.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Ok(())
-        })
+    ) -> Result<(), HandlerError> {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            let closed = self.harness.close_consumer_connections().await;
+            assert_eq!(closed, 1, "the consumer's connection");
+            // Let the client read the broker's close before the runtime tries to ack.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok(())
     }
 }
 
@@ -333,15 +333,7 @@ async fn publisher_counts_confirms_returns_nacks_and_timeouts() {
     // Routed and confirmed.
     h.publish_order(&order(&h.name, 1)).await;
     // Unroutable: no queue is bound with this routing key.
-    let returned = h
-        .publisher
-        .publish(OutgoingMessage {
-            exchange: &exchange,
-            routing_key: "nobody.listens",
-            body: b"{}",
-            properties: BasicProperties::default(),
-        })
-        .await;
+    let returned = h.publisher.publish(to_nobody(&exchange)).await;
     assert!(
         matches!(returned, Err(AmqpError::Unroutable { .. })),
         "{returned:?}"
@@ -396,14 +388,7 @@ async fn publisher_counts_confirms_returns_nacks_and_timeouts() {
 
     // No confirm can arrive within a microsecond.
     let hasty = ConfirmPublisher::new(h.connection.clone(), Duration::from_micros(1));
-    let timed_out = hasty
-        .publish(OutgoingMessage {
-            exchange: &exchange,
-            routing_key: "nobody.listens",
-            body: b"{}",
-            properties: BasicProperties::default(),
-        })
-        .await;
+    let timed_out = hasty.publish(to_nobody(&exchange)).await;
     assert!(
         matches!(timed_out, Err(AmqpError::ConfirmTimeout { .. })),
         "{timed_out:?}"
@@ -432,16 +417,15 @@ async fn relay_reports_backlog_and_publish_attempts() {
                 .await
                 .expect("create order");
         }
-        let lost = NewOutboxMessage::new(
-            format!("{}-lost", h.name),
-            "order",
-            format!("{}-lost", h.name),
-            "order.lost.v1",
-            h.topology.exchange(),
-            "nobody.listens",
-            &serde_json::json!({}),
-        )
-        .expect("event");
+        let lost = NewOutboxMessage::builder()
+            .id(format!("{}-lost", h.name))
+            .aggregate("order", format!("{}-lost", h.name))
+            .event_type("order.lost.v1")
+            .exchange(h.topology.exchange())
+            .routing_key("nobody.listens")
+            .payload(&serde_json::json!({}))
+            .build()
+            .expect("event");
         oncely::outbox::enqueue(&mut conn, &lost)
             .await
             .expect("enqueue");
@@ -480,41 +464,34 @@ struct Forwards {
     exchange: String,
 }
 
-impl Handler for Forwards {
-    type Message = serde_json::Value;
-    fn consumer_name(&self) -> &str {
-        "forwarder"
-    }
-    fn handle<'c>(
-        &'c self,
-        conn: &'c mut AsyncPgConnection,
+#[oncely::handler(consumer = "forwarder")]
+impl Forwards {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
         msg: Envelope<serde_json::Value>,
-    ) -> BoxFuture<'c, Result<(), HandlerError>> {
-        Box::pin(async move {
-            self.publisher
-                .publish(OutgoingMessage {
-                    exchange: "",
-                    routing_key: &self.to,
-                    body: b"{}",
-                    properties: BasicProperties::default()
-                        .with_message_id(format!("{}-direct", msg.message_id()).into()),
-                })
-                .await
-                .map_err(|e| HandlerError::retryable("publish", e.to_string()))?;
-            let event = NewOutboxMessage::new(
-                format!("{}-outbox", msg.message_id()),
-                "order",
-                "o",
-                "order.forwarded.v1",
-                &self.exchange,
-                "order.forwarded.v1",
-                &serde_json::json!({}),
-            )
+    ) -> Result<(), HandlerError> {
+        self.publisher
+            .publish(OutgoingMessage {
+                exchange: "",
+                routing_key: &self.to,
+                body: b"{}",
+                properties: BasicProperties::default()
+                    .with_message_id(format!("{}-direct", msg.message_id()).into()),
+            })
+            .await
+            .map_err(|e| HandlerError::retryable("publish", e.to_string()))?;
+        let event = NewOutboxMessage::builder()
+            .id(format!("{}-outbox", msg.message_id()))
+            .aggregate("order", "o")
+            .event_type("order.forwarded.v1")
+            .exchange(&self.exchange)
+            .payload(&serde_json::json!({}))
+            .build()
             .map_err(|e| HandlerError::permanent("json", e.to_string()))?;
-            oncely::outbox::enqueue(conn, &event)
-                .await
-                .map_err(|e| HandlerError::retryable("db", e.to_string()))
-        })
+        oncely::outbox::enqueue(conn, &event)
+            .await
+            .map_err(|e| HandlerError::retryable("db", e.to_string()))
     }
 }
 

@@ -184,16 +184,15 @@ async fn two_relays_over_5000_rows_publish_every_row_once_in_per_aggregate_order
     for round in 0..5 {
         let events: Vec<oncely::outbox::NewOutboxMessage> = (0..1000)
             .map(|a| {
-                oncely::outbox::NewOutboxMessage::new(
-                    format!("{}-agg{a}-ev{round}", h.name),
-                    "order",
-                    format!("agg{a}"),
-                    "order.created.v1",
-                    h.topology.exchange(),
-                    billing::ORDER_CREATED_V1,
-                    &serde_json::json!({"aggregate": a, "n": round}),
-                )
-                .expect("event")
+                oncely::outbox::NewOutboxMessage::builder()
+                    .id(format!("{}-agg{a}-ev{round}", h.name))
+                    .aggregate("order", format!("agg{a}"))
+                    .event_type("order.created.v1")
+                    .exchange(h.topology.exchange())
+                    .routing_key(billing::ORDER_CREATED_V1)
+                    .payload(&serde_json::json!({"aggregate": a, "n": round}))
+                    .build()
+                    .expect("event")
             })
             .collect();
         oncely::outbox::enqueue_many(&mut conn, &events)

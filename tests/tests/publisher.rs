@@ -238,10 +238,7 @@ async fn unreachable_broker_is_a_typed_error_within_the_timeout() {
         .expect_err("nothing listens on port 1");
     assert!(err.is_transient(), "{err}");
     assert!(
-        matches!(
-            err,
-            AmqpError::Connect { .. } | AmqpError::ConfirmTimeout { .. }
-        ),
+        matches!(err, AmqpError::Connect { .. } | AmqpError::Timeout { .. }),
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(3));

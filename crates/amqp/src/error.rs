@@ -69,6 +69,15 @@ pub enum AmqpError {
         /// The time waited.
         timeout: Duration,
     },
+    /// The broker did not answer in time while connecting, opening a channel or reading a
+    /// queue; nothing was published.
+    #[error("no answer from RabbitMQ within {timeout:?} while {what}")]
+    Timeout {
+        /// What was being done, e.g. `connecting to RabbitMQ`.
+        what: String,
+        /// The time waited.
+        timeout: Duration,
+    },
     /// The connection or channel failed.
     #[error("AMQP connection or channel failed: {0}")]
     Connection(#[from] lapin::Error),
@@ -112,6 +121,7 @@ impl AmqpError {
             self,
             AmqpError::Connect { .. }
                 | AmqpError::ConfirmTimeout { .. }
+                | AmqpError::Timeout { .. }
                 | AmqpError::Connection(_)
                 | AmqpError::Publish(_)
         )

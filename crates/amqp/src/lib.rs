@@ -19,7 +19,6 @@ mod cause;
 mod connection;
 mod consumer;
 mod error;
-mod producer;
 mod properties;
 mod publisher;
 mod reconnect;
@@ -37,13 +36,13 @@ pub use consumer::{
     DeliveryProcessor, InvalidOption, LOCAL_AMQP_URL,
 };
 pub use error::{AmqpError, Result};
-pub use producer::{DelayQueue, Publisher};
 pub use properties::{raw_metadata, read_attempt, read_delivery_count};
-pub use publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
+pub use publisher::{ConfirmPublisher, DelayQueue, OutgoingMessage, Publisher, PublisherOptions};
 pub use reconnect::ReconnectBackoff;
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub use topology::{
-    BROKER_DELIVERY_LIMIT_MARGIN, DEFAULT_DELIVERY_LIMIT, NO_DELIVERY_LIMIT, QueueType, Topology,
+    BROKER_DELIVERY_LIMIT_MARGIN, DEFAULT_DELIVERY_LIMIT, NO_DELIVERY_LIMIT, QueueDepth, QueueType,
+    Topology, queue_depth,
 };
 pub use transport::open_connection;
 

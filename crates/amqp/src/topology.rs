@@ -2,7 +2,10 @@
 //! `Q` bound to `E`, `Q.retry.<tier>` delay queues dead-lettering back to `Q`, `Q.dlq`, `Q.parking`.
 
 use crate::error::{AmqpError, Result, short};
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
 use oncely_core::tier_label;
@@ -189,21 +192,48 @@ impl Topology {
         Ok(problems)
     }
 
+    /// Deletes every queue of the topology (its messages with it) and the exchange; missing
+    /// ones are fine. For tests, benchmarks and scratch runs: a service never deletes its own.
+    /// Goes on after a failed deletion and returns the first error.
+    pub async fn delete(&self, connection: &Connection) -> Result<()> {
+        let mut first_error = None;
+        let mut channel = connection.create_channel().await?;
+        for name in self.queues() {
+            // A refused deletion closes the channel: the next one needs another.
+            if !channel.status().connected() {
+                channel = connection.create_channel().await?;
+            }
+            let deleted = channel
+                .queue_delete(short("queue", &name)?, QueueDeleteOptions::default())
+                .await;
+            if let Err(e) = deleted {
+                first_error.get_or_insert(AmqpError::Connection(e));
+            }
+        }
+        if !channel.status().connected() {
+            channel = connection.create_channel().await?;
+        }
+        let deleted = channel
+            .exchange_delete(
+                short("exchange", &self.exchange)?,
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        if let Err(e) = deleted {
+            first_error.get_or_insert(AmqpError::Connection(e));
+        }
+        if channel.status().connected() {
+            crate::close_channel(&channel, 200, "topology deleted").await;
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// `None` when `name` exists with the configured arguments, else what is wrong.
     async fn check_queue(&self, connection: &Connection, name: &str) -> Result<Option<String>> {
-        let channel = connection.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::durable()
-        };
-        if channel
-            .queue_declare(short("queue", name)?, passive, FieldTable::default())
-            .await
-            .is_err()
-        {
-            // The broker closed this channel (404).
+        if queue_depth(connection, name).await.is_err() {
             return Ok(Some(format!("queue {name} is missing")));
         }
+        let channel = connection.create_channel().await?;
         // It exists: declaring it with our arguments changes nothing when they match and is
         // refused (406, naming the argument, closing the channel) when they do not.
         match self.declare_queue(&channel, name, self.args_of(name)).await {
@@ -464,4 +494,46 @@ pub(crate) fn declare_error(name: &str, error: lapin::Error) -> AmqpError {
             source: error,
         }
     }
+}
+
+/// What a queue holds right now, as a passive declaration reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Messages ready for delivery (not those delivered and unacked).
+    pub messages: u32,
+    /// Consumers subscribed.
+    pub consumers: u32,
+}
+
+/// The depth of `queue`, on a channel of its own, changing nothing: an error when the queue
+/// does not exist (the broker's 404), or [`AmqpError::Timeout`] when the broker does not
+/// answer within 10 s.
+pub async fn queue_depth(connection: &Connection, queue: &str) -> Result<QueueDepth> {
+    let name = short("queue", queue)?;
+    // Every exchange with the broker is bounded: a depth is read by monitors and tests that
+    // must not hang on a blocked or vanished broker.
+    tokio::time::timeout(CHECK_TIMEOUT, async {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(name, passive, FieldTable::default())
+            .await;
+        // A missing queue has closed the channel already (404).
+        if channel.status().connected() {
+            crate::close_channel(&channel, 200, "depth read").await;
+        }
+        let declared = declared?;
+        Ok(QueueDepth {
+            messages: declared.message_count(),
+            consumers: declared.consumer_count(),
+        })
+    })
+    .await
+    .map_err(|_| AmqpError::Timeout {
+        what: format!("reading the depth of queue {queue}"),
+        timeout: CHECK_TIMEOUT,
+    })?
 }

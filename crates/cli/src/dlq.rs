@@ -1,11 +1,9 @@
 //! `oncely dlq list` and `oncely dlq replay`.
 
 use anyhow::Context;
-use oncely::lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions,
-};
+use oncely::lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use oncely::lapin::types::{AMQPValue, FieldTable, LongString};
-use oncely::lapin::{BasicProperties, Channel, Connection};
+use oncely::lapin::{BasicProperties, Connection};
 use oncely::{ConfirmPublisher, OutgoingMessage, headers};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,19 +39,11 @@ async fn open(amqp_url: &str) -> anyhow::Result<Connection> {
     Ok(oncely::connect(amqp_url, "oncely-cli", single).await?)
 }
 
-async fn count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+async fn count(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
+    let depth = oncely::queue_depth(connection, queue)
         .await
         .with_context(|| format!("queue {queue} does not exist"))?;
-    Ok(q.message_count())
+    Ok(depth.messages)
 }
 
 fn header(properties: &BasicProperties, name: &str) -> String {
@@ -97,8 +87,8 @@ pub(crate) async fn list(
 ) -> anyhow::Result<()> {
     let source = from.queue_of(queue);
     let connection = open(amqp_url).await?;
+    let total = count(&connection, &source).await?;
     let channel = connection.create_channel().await?;
-    let total = count(&channel, &source).await?;
     println!("{source}: {total} messages");
     for _ in 0..last.min(total as usize) {
         // Taken without ack: they go back, in place, when the channel closes.
@@ -148,8 +138,8 @@ pub(crate) async fn replay(
 ) -> anyhow::Result<()> {
     let source = from.queue_of(queue);
     let connection = Arc::new(open(amqp_url).await?);
+    let total = count(&connection, &source).await? as usize;
     let channel = connection.create_channel().await?;
-    let total = count(&channel, &source).await? as usize;
     let wanted = limit.unwrap_or(total).min(total);
     let pause = rate
         .filter(|r| *r > 0.0)

@@ -370,16 +370,15 @@ async fn outbox_stats_counts_unpublished_rows_and_their_age() {
 }
 
 async fn order_service_create(conn: &mut Conn, h: &Harness, n: usize) {
-    let event = oncely::outbox::NewOutboxMessage::new(
-        format!("{}-{n}", h.name),
-        "order",
-        format!("o{n}"),
-        "order.created.v1",
-        h.topology.exchange(),
-        billing::ORDER_CREATED_V1,
-        &order(&h.name, n),
-    )
-    .expect("event");
+    let event = oncely::outbox::NewOutboxMessage::builder()
+        .id(format!("{}-{n}", h.name))
+        .aggregate("order", format!("o{n}"))
+        .event_type("order.created.v1")
+        .exchange(h.topology.exchange())
+        .routing_key(billing::ORDER_CREATED_V1)
+        .payload(&order(&h.name, n))
+        .build()
+        .expect("event");
     oncely::outbox::enqueue(conn, &event)
         .await
         .expect("enqueue");
@@ -474,15 +473,7 @@ async fn quorum_queues_declare_consume_retry_dead_letter_and_replay() {
     fixed.stop().await.expect("stop");
     assert_eq!(base.invoices().await, 2);
 
-    let channel = base.connection.create_channel().await.expect("channel");
-    for q in topology.queues() {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(topology.exchange().into(), Default::default())
-        .await;
+    let _ = topology.delete(&base.connection).await;
 }
 
 fn quorum_consumer<H: oncely::Handler>(
@@ -572,20 +563,9 @@ async fn topology_check_and_declare_follow_the_configuration_file() {
         refused.stderr
     );
 
-    let channel = h.connection.create_channel().await.expect("channel");
-    for q in [
-        queue.clone(),
-        format!("{queue}.retry.1s"),
-        format!("{queue}.retry.5s"),
-        format!("{queue}.dlq"),
-        format!("{queue}.parking"),
-    ] {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(exchange.as_str().into(), Default::default())
+    let _ = oncely::Topology::new(&exchange, &queue)
+        .retry_tiers(&[Duration::from_secs(1), Duration::from_secs(5)])
+        .delete(&h.connection)
         .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -706,12 +686,5 @@ async fn quorum_delivery_limit_dead_letters_a_message_that_keeps_coming_back() {
         topology.broker_delivery_limit(),
         "delivered up to the broker's limit first"
     );
-    for q in topology.queues() {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(topology.exchange().into(), Default::default())
-        .await;
+    let _ = topology.delete(&h.connection).await;
 }

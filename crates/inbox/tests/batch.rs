@@ -3,38 +3,12 @@
 
 use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
-use oncely_core::{Envelope, ErrorKind, HandlerError, Metadata};
-use oncely_inbox::testing::TestSchema;
-use oncely_inbox::{
-    BoxFuture, INBOX_MIGRATIONS, Inbox, Outcome, PoolOptions, connect_pool, run_migrations,
-};
+use oncely_core::{Envelope, ErrorKind, HandlerError};
+use oncely_inbox::{BoxFuture, Outcome};
 use std::sync::Arc;
 
-diesel::table! {
-    effects (message_id) {
-        message_id -> Text,
-        amount -> Int8,
-    }
-}
-
-async fn fixture() -> (Inbox, TestSchema) {
-    let schema = TestSchema::create().await.expect("create test schema");
-    run_migrations(schema.url(), INBOX_MIGRATIONS)
-        .await
-        .expect("migrations");
-    let pool = connect_pool(schema.url(), &PoolOptions::default());
-    let mut conn = pool.get().await.expect("connection");
-    diesel::sql_query("CREATE TABLE effects (message_id TEXT PRIMARY KEY, amount BIGINT NOT NULL)")
-        .execute(&mut conn)
-        .await
-        .expect("business table");
-    drop(conn);
-    (Inbox::new(pool), schema)
-}
-
-fn envelope(id: &str, amount: i64) -> Envelope<i64> {
-    Envelope::new(Metadata::with_message_id(id), amount)
-}
+mod common;
+use common::{effects, envelope, fixture};
 
 /// Inserts the effect; a negative amount fails with a permanent error AFTER a statement ran
 /// (so the savepoint has something to undo), zero panics, 13 fails in the database.
@@ -61,16 +35,6 @@ fn handler<'c>(
         }
         Ok(())
     })
-}
-
-async fn effects(inbox: &Inbox) -> Vec<String> {
-    let mut conn = inbox.pool().get().await.expect("connection");
-    effects::table
-        .select(effects::message_id)
-        .order(effects::message_id)
-        .load(&mut conn)
-        .await
-        .expect("effects")
 }
 
 #[tokio::test]

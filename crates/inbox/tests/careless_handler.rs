@@ -3,63 +3,13 @@
 //! unless its effect and its inbox row committed, and no pooled connection keeps an open
 //! transaction.
 
-use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use oncely_core::{Envelope, ErrorKind, HandlerError, Metadata};
-use oncely_inbox::testing::TestSchema;
-use oncely_inbox::{
-    BoxFuture, INBOX_MIGRATIONS, Inbox, InboxError, Outcome, PoolOptions, connect_pool,
-    run_migrations,
-};
+use oncely_core::{Envelope, ErrorKind, HandlerError};
+use oncely_inbox::{BoxFuture, Inbox, InboxError, Outcome};
 use std::time::Duration;
 
-diesel::table! {
-    effects (message_id) {
-        message_id -> Text,
-        amount -> Int8,
-    }
-}
-
-/// An inbox whose pool has `connections` connections, and its test schema.
-async fn fixture(connections: u32) -> (Inbox, TestSchema) {
-    let schema = TestSchema::create().await.expect("create test schema");
-    run_migrations(schema.url(), INBOX_MIGRATIONS)
-        .await
-        .expect("migrations");
-    let options = PoolOptions {
-        max_size: connections,
-        ..PoolOptions::default()
-    };
-    let pool = connect_pool(schema.url(), &options);
-    let mut conn = pool.get().await.expect("connection");
-    diesel::sql_query("CREATE TABLE effects (message_id TEXT PRIMARY KEY, amount BIGINT NOT NULL)")
-        .execute(&mut conn)
-        .await
-        .expect("business table");
-    drop(conn);
-    (Inbox::new(pool), schema)
-}
-
-fn envelope(id: &str, amount: i64) -> Envelope<i64> {
-    Envelope::new(Metadata::with_message_id(id), amount)
-}
-
-async fn insert(conn: &mut AsyncPgConnection, id: &str, amount: i64) -> QueryResult<usize> {
-    diesel::insert_into(effects::table)
-        .values((effects::message_id.eq(id), effects::amount.eq(amount)))
-        .execute(conn)
-        .await
-}
-
-fn insert_effect<'c>(
-    conn: &'c mut AsyncPgConnection,
-    msg: Envelope<i64>,
-) -> BoxFuture<'c, Result<(), HandlerError>> {
-    Box::pin(async move {
-        insert(conn, msg.message_id(), msg.payload).await?;
-        Ok(())
-    })
-}
+mod common;
+use common::{effects, envelope, fixture_with_connections, insert, insert_effect};
 
 /// Inserts its effect, then runs a statement that fails (a unique violation it "expects") and
 /// ignores the error: PostgreSQL has aborted the transaction.
@@ -135,16 +85,6 @@ fn drops_nested_on_13<'c>(
     }
 }
 
-async fn effects(inbox: &Inbox) -> Vec<String> {
-    let mut conn = inbox.pool().get().await.expect("connection");
-    effects::table
-        .select(effects::message_id)
-        .order(effects::message_id)
-        .load(&mut conn)
-        .await
-        .expect("effects")
-}
-
 fn handler_error(result: Result<Outcome, InboxError>) -> HandlerError {
     match result {
         Err(InboxError::Handler(e)) => e,
@@ -154,7 +94,7 @@ fn handler_error(result: Result<Outcome, InboxError>) -> HandlerError {
 
 #[tokio::test]
 async fn handler_that_swallows_a_database_error_is_never_reported_processed() {
-    let (inbox, _schema) = fixture(1).await;
+    let (inbox, _schema) = fixture_with_connections(1).await;
     let result = inbox
         .run("billing", envelope("m1", 10), swallows_a_database_error)
         .await;
@@ -184,7 +124,7 @@ async fn handler_that_swallows_a_database_error_is_never_reported_processed() {
 
 #[tokio::test]
 async fn handler_that_leaves_a_nested_transaction_open_is_rolled_back_not_committed() {
-    let (inbox, _schema) = fixture(1).await;
+    let (inbox, _schema) = fixture_with_connections(1).await;
     let result = inbox
         .run("billing", envelope("m1", 10), drops_a_nested_transaction)
         .await;
@@ -210,7 +150,7 @@ async fn handler_that_leaves_a_nested_transaction_open_is_rolled_back_not_commit
 
 #[tokio::test]
 async fn run_dropped_while_its_claim_waits_leaves_no_open_transaction_in_the_pool() {
-    let (inbox, schema) = fixture(1).await;
+    let (inbox, schema) = fixture_with_connections(1).await;
     // Another transaction holds the claim's row lock, as a concurrent delivery of m1 would.
     let mut blocker = AsyncPgConnection::establish(schema.url())
         .await
@@ -255,14 +195,22 @@ async fn run_dropped_while_its_claim_waits_leaves_no_open_transaction_in_the_poo
     assert_eq!(effects(&inbox).await, ["m1", "m2"]);
 }
 
-#[tokio::test]
-async fn handler_that_swallows_a_database_error_fails_alone_in_a_batch() {
-    let (inbox, _schema) = fixture(2).await;
+/// Runs m1, m2 (amount 13) and m3 in one batch through `handler`: m2 fails with `code`, and
+/// m1 and m3 commit their effects all the same.
+async fn only_m2_fails<F>(inbox: &Inbox, handler: F, code: &str)
+where
+    F: for<'c> Fn(
+            &'c mut AsyncPgConnection,
+            Envelope<i64>,
+        ) -> BoxFuture<'c, Result<(), HandlerError>>
+        + Send
+        + Sync,
+{
     let results = inbox
         .run_batch(
             "billing",
             vec![envelope("m1", 1), envelope("m2", 13), envelope("m3", 3)],
-            swallows_on_13,
+            handler,
         )
         .await
         .expect("the batch commits");
@@ -270,15 +218,18 @@ async fn handler_that_swallows_a_database_error_fails_alone_in_a_batch() {
         results[0].as_ref().ok(),
         Some(&Outcome::Processed { attempts: 1 })
     );
-    assert_eq!(
-        results[1].as_ref().map_err(|e| e.code()),
-        Err("transaction_aborted")
-    );
+    assert_eq!(results[1].as_ref().map_err(|e| e.code()), Err(code));
     assert_eq!(
         results[2].as_ref().ok(),
         Some(&Outcome::Processed { attempts: 1 })
     );
-    assert_eq!(effects(&inbox).await, ["m1", "m3"]);
+    assert_eq!(effects(inbox).await, ["m1", "m3"]);
+}
+
+#[tokio::test]
+async fn handler_that_swallows_a_database_error_fails_alone_in_a_batch() {
+    let (inbox, _schema) = fixture_with_connections(2).await;
+    only_m2_fails(&inbox, swallows_on_13, "transaction_aborted").await;
     let failed = inbox.find("billing", "m2").await.expect("find");
     assert_eq!(
         failed.map(|r| r.status),
@@ -289,33 +240,13 @@ async fn handler_that_swallows_a_database_error_fails_alone_in_a_batch() {
 
 #[tokio::test]
 async fn handler_that_leaves_a_nested_transaction_open_fails_alone_in_a_batch() {
-    let (inbox, _schema) = fixture(2).await;
-    let results = inbox
-        .run_batch(
-            "billing",
-            vec![envelope("m1", 1), envelope("m2", 13), envelope("m3", 3)],
-            drops_nested_on_13,
-        )
-        .await
-        .expect("the batch commits");
-    assert_eq!(
-        results[0].as_ref().ok(),
-        Some(&Outcome::Processed { attempts: 1 })
-    );
-    assert_eq!(
-        results[1].as_ref().map_err(|e| e.code()),
-        Err("transaction_depth_mismatch")
-    );
-    assert_eq!(
-        results[2].as_ref().ok(),
-        Some(&Outcome::Processed { attempts: 1 })
-    );
-    assert_eq!(effects(&inbox).await, ["m1", "m3"]);
+    let (inbox, _schema) = fixture_with_connections(2).await;
+    only_m2_fails(&inbox, drops_nested_on_13, "transaction_depth_mismatch").await;
 }
 
 #[tokio::test]
 async fn batch_handler_timeout_cancels_a_statement_stuck_in_the_database_and_records_attempts() {
-    let (inbox, _schema) = fixture(2).await;
+    let (inbox, _schema) = fixture_with_connections(2).await;
     let inbox = inbox.with_handler_timeout(Duration::from_millis(300));
     let started = std::time::Instant::now();
     let results = inbox
@@ -350,7 +281,7 @@ async fn batch_handler_timeout_cancels_a_statement_stuck_in_the_database_and_rec
 
 #[tokio::test]
 async fn message_id_with_a_nul_byte_fails_permanently_and_never_as_an_outage() {
-    let (inbox, _schema) = fixture(1).await;
+    let (inbox, _schema) = fixture_with_connections(1).await;
     let error = handler_error(
         inbox
             .run("billing", envelope("m\0-1", 10), insert_effect)

@@ -5,42 +5,14 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use oncely_core::{Envelope, ErrorKind, HandlerError, Metadata};
 use oncely_inbox::testing::TestSchema;
 use oncely_inbox::{
-    BoxFuture, INBOX_MIGRATIONS, Inbox, InboxError, Outcome, PoolOptions, connect_pool,
-    run_migrations,
+    INBOX_MIGRATIONS, Inbox, InboxError, Outcome, PoolOptions, connect_pool, run_migrations,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-diesel::table! {
-    effects (message_id) {
-        message_id -> Text,
-        amount -> Int8,
-    }
-}
-
-struct Fixture {
-    inbox: Inbox,
-    _schema: TestSchema,
-}
-
-async fn fixture() -> Fixture {
-    let schema = TestSchema::create().await.expect("create test schema");
-    run_migrations(schema.url(), INBOX_MIGRATIONS)
-        .await
-        .expect("migrations");
-    let pool = connect_pool(schema.url(), &PoolOptions::default());
-    let mut conn = pool.get().await.expect("connection");
-    diesel::sql_query("CREATE TABLE effects (message_id TEXT PRIMARY KEY, amount BIGINT NOT NULL)")
-        .execute(&mut conn)
-        .await
-        .expect("business table");
-    drop(conn);
-    Fixture {
-        inbox: Inbox::new(pool),
-        _schema: schema,
-    }
-}
+mod common;
+use common::{effects, fixture, inbox_row, insert_effect};
 
 async fn effect_count(inbox: &Inbox) -> i64 {
     let mut conn = inbox.pool().get().await.expect("connection");
@@ -55,30 +27,13 @@ fn envelope(id: &str) -> Envelope<i64> {
     Envelope::new(Metadata::with_message_id(id), 125_000)
 }
 
-fn insert_effect<'c>(
-    conn: &'c mut AsyncPgConnection,
-    msg: Envelope<i64>,
-) -> BoxFuture<'c, Result<(), HandlerError>> {
-    Box::pin(async move {
-        diesel::insert_into(effects::table)
-            .values((
-                effects::message_id.eq(msg.message_id()),
-                effects::amount.eq(msg.payload),
-            ))
-            .execute(conn)
-            .await?;
-        Ok(())
-    })
-}
-
 #[tokio::test]
 async fn second_run_of_a_message_is_a_duplicate_and_skips_the_handler() {
-    let f = fixture().await;
+    let (inbox, _schema) = fixture().await;
     let calls = Arc::new(AtomicUsize::new(0));
     for expected in [Outcome::Processed { attempts: 1 }, Outcome::Duplicate] {
         let calls = calls.clone();
-        let outcome = f
-            .inbox
+        let outcome = inbox
             .run("billing", envelope("m-1"), move |conn, msg| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 insert_effect(conn, msg)
@@ -88,22 +43,17 @@ async fn second_run_of_a_message_is_a_duplicate_and_skips_the_handler() {
         assert_eq!(outcome, expected);
     }
     assert_eq!(AtomicUsize::load(&calls, Ordering::SeqCst), 1);
-    assert_eq!(effect_count(&f.inbox).await, 1);
-    let row = f
-        .inbox
-        .find("billing", "m-1")
-        .await
-        .expect("find")
-        .expect("row");
+    assert_eq!(effect_count(&inbox).await, 1);
+    let row = inbox_row(&inbox, "m-1").await;
     assert_eq!(row.status, "processed");
     assert!(row.processed_at.is_some());
 }
 
 #[tokio::test]
 async fn claim_and_handler_change_stay_invisible_to_others_until_commit() {
-    let f = fixture().await;
-    let pool = f.inbox.pool().clone();
-    f.inbox
+    let (inbox, _schema) = fixture().await;
+    let pool = inbox.pool().clone();
+    inbox
         .run("billing", envelope("m-1"), move |conn, msg| {
             Box::pin(async move {
                 insert_effect(conn, msg).await?;
@@ -125,7 +75,7 @@ async fn claim_and_handler_change_stay_invisible_to_others_until_commit() {
         })
         .await
         .expect("run");
-    assert_eq!(effect_count(&f.inbox).await, 1);
+    assert_eq!(effect_count(&inbox).await, 1);
 }
 
 #[derive(diesel::QueryableByName)]
@@ -136,9 +86,8 @@ struct Seen {
 
 #[tokio::test]
 async fn handler_may_nest_a_transaction_and_roll_back_only_its_part() {
-    let f = fixture().await;
-    let outcome = f
-        .inbox
+    let (inbox, _schema) = fixture().await;
+    let outcome = inbox
         .run("billing", envelope("m-1"), |conn, msg| {
             Box::pin(async move {
                 use diesel_async::AsyncConnection;
@@ -158,16 +107,16 @@ async fn handler_may_nest_a_transaction_and_roll_back_only_its_part() {
         .expect("run");
     assert_eq!(outcome, Outcome::Processed { attempts: 1 });
     assert_eq!(
-        effect_count(&f.inbox).await,
+        effect_count(&inbox).await,
         1,
         "only the outer change committed"
     );
     // The connection went back to the pool clean: the next run works on it.
-    f.inbox
+    inbox
         .run("billing", envelope("m-2"), insert_effect)
         .await
         .expect("next run");
-    assert_eq!(effect_count(&f.inbox).await, 2);
+    assert_eq!(effect_count(&inbox).await, 2);
 }
 
 async fn insert_effect_row(
@@ -218,15 +167,13 @@ async fn claim_is_prepared_once_per_connection_and_reused() {
 
 #[tokio::test]
 async fn same_message_id_for_two_consumers_is_processed_by_each() {
-    let f = fixture().await;
-    let a = f
-        .inbox
+    let (inbox, _schema) = fixture().await;
+    let a = inbox
         .run("billing", envelope("m-1"), |_, _| {
             Box::pin(async { Ok(()) })
         })
         .await;
-    let b = f
-        .inbox
+    let b = inbox
         .run("audit", envelope("m-1"), |_, _| Box::pin(async { Ok(()) }))
         .await;
     assert_eq!(a.expect("billing"), Outcome::Processed { attempts: 1 });
@@ -235,11 +182,11 @@ async fn same_message_id_for_two_consumers_is_processed_by_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_runs_of_one_message_have_exactly_one_effect() {
-    let f = fixture().await;
+    let (inbox, _schema) = fixture().await;
     for round in 0..20 {
         let id = format!("m-{round}");
         let runs = (0..4).map(|_| {
-            let inbox = f.inbox.clone();
+            let inbox = inbox.clone();
             let id = id.clone();
             tokio::spawn(async move {
                 inbox
@@ -263,14 +210,13 @@ async fn concurrent_runs_of_one_message_have_exactly_one_effect() {
         }
         assert_eq!((processed, duplicates), (1, 3), "round {round}");
     }
-    assert_eq!(effect_count(&f.inbox).await, 20);
+    assert_eq!(effect_count(&inbox).await, 20);
 }
 
 #[tokio::test]
 async fn handler_error_rolls_back_the_business_row_and_records_the_failure() {
-    let f = fixture().await;
-    let result = f
-        .inbox
+    let (inbox, _schema) = fixture().await;
+    let result = inbox
         .run("billing", envelope("m-1"), |conn, msg| {
             Box::pin(async move {
                 insert_effect(conn, msg).await?;
@@ -285,9 +231,8 @@ async fn handler_error_rolls_back_the_business_row_and_records_the_failure() {
         Err(InboxError::Handler(e)) => assert_eq!(e.kind(), ErrorKind::Retryable),
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(effect_count(&f.inbox).await, 0, "business row rolled back");
-    let row = f
-        .inbox
+    assert_eq!(effect_count(&inbox).await, 0, "business row rolled back");
+    let row = inbox
         .find("billing", "m-1")
         .await
         .expect("find")
@@ -302,33 +247,26 @@ async fn handler_error_rolls_back_the_business_row_and_records_the_failure() {
     assert!(row.processed_at.is_none());
 
     // The retry succeeds: the row turns processed and counts both attempts.
-    let outcome = f
-        .inbox
+    let outcome = inbox
         .run("billing", envelope("m-1"), insert_effect)
         .await
         .expect("retry");
     assert_eq!(outcome, Outcome::Processed { attempts: 2 });
-    let row = f
-        .inbox
-        .find("billing", "m-1")
-        .await
-        .expect("find")
-        .expect("row");
+    let row = inbox_row(&inbox, "m-1").await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.error_code, None);
-    assert_eq!(effect_count(&f.inbox).await, 1);
+    assert_eq!(effect_count(&inbox).await, 1);
 }
 
 #[tokio::test]
 async fn constraint_violation_in_the_handler_is_permanent_and_leaves_nothing() {
-    let f = fixture().await;
-    f.inbox
+    let (inbox, _schema) = fixture().await;
+    inbox
         .run("billing", envelope("m-1"), insert_effect)
         .await
         .expect("first");
     // A different message whose business row collides with the first one's.
-    let result = f
-        .inbox
+    let result = inbox
         .run("billing", envelope("m-2"), |conn, _msg| {
             insert_effect(conn, envelope("m-1"))
         })
@@ -340,21 +278,15 @@ async fn constraint_violation_in_the_handler_is_permanent_and_leaves_nothing() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    let row = f
-        .inbox
-        .find("billing", "m-2")
-        .await
-        .expect("find")
-        .expect("row");
+    let row = inbox_row(&inbox, "m-2").await;
     assert_eq!(row.status, "failed");
-    assert_eq!(effect_count(&f.inbox).await, 1);
+    assert_eq!(effect_count(&inbox).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_panic_rolls_back_and_is_a_permanent_error() {
-    let f = fixture().await;
-    let result = f
-        .inbox
+    let (inbox, _schema) = fixture().await;
+    let result = inbox
         .run("billing", envelope("m-1"), |conn, msg| {
             Box::pin(async move {
                 insert_effect(conn, msg).await?;
@@ -369,23 +301,23 @@ async fn handler_panic_rolls_back_and_is_a_permanent_error() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(effect_count(&f.inbox).await, 0);
+    assert_eq!(effect_count(&inbox).await, 0);
     // The pool still works after the panic.
-    f.inbox
+    inbox
         .run("billing", envelope("m-2"), insert_effect)
         .await
         .expect("next message");
-    assert_eq!(effect_count(&f.inbox).await, 1);
+    assert_eq!(effect_count(&inbox).await, 1);
 }
 
 #[tokio::test]
 async fn failure_record_never_overwrites_a_processed_row() {
-    let f = fixture().await;
-    f.inbox
+    let (inbox, _schema) = fixture().await;
+    inbox
         .run("billing", envelope("m-1"), insert_effect)
         .await
         .expect("run");
-    f.inbox
+    inbox
         .record_failure(
             "billing",
             "m-1",
@@ -393,53 +325,48 @@ async fn failure_record_never_overwrites_a_processed_row() {
         )
         .await
         .expect("record");
-    let row = f
-        .inbox
-        .find("billing", "m-1")
-        .await
-        .expect("find")
-        .expect("row");
+    let row = inbox_row(&inbox, "m-1").await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.error_code, None);
 }
 
 #[tokio::test]
 async fn purge_removes_only_processed_rows_past_retention() {
-    let f = fixture().await;
+    let (inbox, _schema) = fixture().await;
     for i in 0..5 {
-        f.inbox
+        inbox
             .run("billing", envelope(&format!("m-{i}")), insert_effect)
             .await
             .expect("run");
     }
-    f.inbox
+    inbox
         .record_failure("billing", "m-failed", &HandlerError::retryable("x", "y"))
         .await
         .expect("record");
     assert_eq!(
-        f.inbox
+        inbox
             .purge_processed(Duration::from_secs(3600), 2)
             .await
             .expect("purge"),
         0,
         "nothing is old enough"
     );
-    let mut conn = f.inbox.pool().get().await.expect("connection");
+    let mut conn = inbox.pool().get().await.expect("connection");
     diesel::sql_query("UPDATE message_inbox SET processed_at = now() - interval '2 hours' WHERE message_id IN ('m-0','m-1','m-2')")
         .execute(&mut conn)
         .await
         .expect("age rows");
     drop(conn);
     assert_eq!(
-        f.inbox
+        inbox
             .purge_processed(Duration::from_secs(3600), 2)
             .await
             .expect("purge"),
         3
     );
-    assert_eq!(f.inbox.count_processed("billing").await.expect("count"), 2);
+    assert_eq!(inbox.count_processed("billing").await.expect("count"), 2);
     assert!(
-        f.inbox
+        inbox
             .find("billing", "m-failed")
             .await
             .expect("find")

@@ -1,8 +1,9 @@
 //! Parsing of the attribute arguments: `#[oncely::handler(consumer = "...")]`.
 
 use proc_macro2::{Span, TokenStream};
+use quote::ToTokens;
 use syn::parse::Parser;
-use syn::{Expr, ExprLit, Lit, LitStr, Token};
+use syn::{Expr, ExprLit, ExprPath, Lit, LitStr, Token};
 
 /// What every argument error points the user to.
 const USAGE: &str = "#[oncely::handler(consumer = \"billing\")]";
@@ -10,12 +11,44 @@ const USAGE: &str = "#[oncely::handler(consumer = \"billing\")]";
 /// The parsed arguments of `#[oncely::handler(...)]`.
 pub(crate) struct HandlerArgs {
     /// The consumer name: the first half of the inbox key.
-    pub(crate) consumer: LitStr,
+    pub(crate) consumer: Consumer,
+}
+
+/// How the consumer name is given.
+pub(crate) enum Consumer {
+    /// `consumer = "billing"`, checked here: not blank, no surrounding whitespace.
+    Literal(LitStr),
+    /// `consumer = CONSUMER`: a `&str` constant, so a service writes its name once.
+    Path(ExprPath),
+    /// Any other `&str` expression, e.g. `&self.name`: only on an `impl` block, where the
+    /// handler value is in scope as `self`.
+    Expr(Expr),
+}
+
+impl Consumer {
+    /// The name as the generated docs show it.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Consumer::Literal(lit) => lit.value(),
+            Consumer::Path(path) => path.to_token_stream().to_string().replace(' ', ""),
+            Consumer::Expr(expr) => expr.to_token_stream().to_string(),
+        }
+    }
+}
+
+impl ToTokens for Consumer {
+    fn to_tokens(&self, tokens: &mut TokenStream) {
+        match self {
+            Consumer::Literal(lit) => lit.to_tokens(tokens),
+            Consumer::Path(path) => path.to_tokens(tokens),
+            Consumer::Expr(expr) => expr.to_tokens(tokens),
+        }
+    }
 }
 
 /// Parses the attribute arguments.
 pub(crate) fn parse(args: TokenStream) -> syn::Result<HandlerArgs> {
-    let mut consumer: Option<LitStr> = None;
+    let mut consumer: Option<Consumer> = None;
 
     let parser = syn::meta::parser(|meta| {
         if !meta.path.is_ident("consumer") {
@@ -36,11 +69,22 @@ pub(crate) fn parse(args: TokenStream) -> syn::Result<HandlerArgs> {
             Expr::Lit(ExprLit {
                 lit: Lit::Str(lit), ..
             }) => lit,
-            other => {
+            Expr::Path(path) => {
+                consumer = Some(Consumer::Path(path));
+                return Ok(());
+            }
+            other @ Expr::Lit(_) => {
                 return Err(syn::Error::new_spanned(
                     other,
-                    format!("`consumer` must be a string literal: {USAGE}"),
+                    format!(
+                        "`consumer` must be a string literal or the path of a `&str` constant: \
+                         {USAGE}"
+                    ),
                 ));
+            }
+            other => {
+                consumer = Some(Consumer::Expr(other));
+                return Ok(());
             }
         };
         let name = lit.value();
@@ -56,7 +100,7 @@ pub(crate) fn parse(args: TokenStream) -> syn::Result<HandlerArgs> {
                 "`consumer` must not start or end with whitespace",
             ));
         }
-        consumer = Some(lit);
+        consumer = Some(Consumer::Literal(lit));
         Ok(())
     });
     parser.parse2(args)?;

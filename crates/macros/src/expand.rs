@@ -1,10 +1,10 @@
 //! Code generation for `#[oncely::handler]`.
 
-use crate::attr::{self, HandlerArgs};
-use crate::item::{HandlerFn, HandlerSig};
+use crate::attr::{self, Consumer, HandlerArgs};
+use crate::item::{HandlerFn, HandlerImpl, HandlerSig};
 use proc_macro2::{Delimiter, Group, Ident, Literal, Punct, Spacing, Span, TokenStream, TokenTree};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
-use syn::{Attribute, Type};
+use syn::{Attribute, ImplItemFn, Type};
 
 /// Expands `#[oncely::handler(args)] item`.
 ///
@@ -12,27 +12,109 @@ use syn::{Attribute, Type};
 /// (and the IDE) still sees the function.
 pub(crate) fn handler(args: TokenStream, item: TokenStream) -> TokenStream {
     let args = attr::parse(args);
+    if let Ok(block) = syn::parse2::<HandlerImpl>(item.clone()) {
+        return match (args, block.validate()) {
+            (Ok(args), Ok((method, sig))) => expand_impl(&args, &block, method, &sig),
+            (args, sig) => with_errors(item, args.err(), sig.err()),
+        };
+    }
     let func = syn::parse2::<HandlerFn>(item.clone());
     let sig = func
         .as_ref()
         .map_err(Clone::clone)
         .and_then(HandlerFn::validate);
+    // A free handler's name becomes an associated const, so it must be one already.
+    let args = args.and_then(|args| match &args.consumer {
+        Consumer::Expr(expr) => Err(syn::Error::new_spanned(
+            expr,
+            "on a free handler `consumer` must be a string literal or the path of a `&str` \
+             constant; a name read from `self` needs `#[oncely::handler]` on an `impl` block",
+        )),
+        _ => Ok(args),
+    });
 
     match (args, &func, sig) {
         (Ok(args), Ok(func), Ok(sig)) => expand(&args, func, &sig),
-        (args, _, sig) => {
-            let mut errors = args.err();
-            if let Err(error) = sig {
-                match &mut errors {
-                    Some(first) => first.combine(error),
-                    None => errors = Some(error),
-                }
+        (args, _, sig) => with_errors(item, args.err(), sig.err()),
+    }
+}
+
+/// The item unchanged, followed by the errors.
+fn with_errors(
+    item: TokenStream,
+    args: Option<syn::Error>,
+    sig: Option<syn::Error>,
+) -> TokenStream {
+    let mut errors = args;
+    if let Some(error) = sig {
+        match &mut errors {
+            Some(first) => first.combine(error),
+            None => errors = Some(error),
+        }
+    }
+    let errors = errors.map(syn::Error::into_compile_error);
+    quote! {
+        #item
+        #errors
+    }
+}
+
+/// Generates, next to the `impl` block as written, the `Handler` impl that calls its method
+/// on the handler value, and the signature assertions.
+fn expand_impl(
+    args: &HandlerArgs,
+    block: &HandlerImpl,
+    method: &ImplItemFn,
+    sig: &HandlerSig<'_>,
+) -> TokenStream {
+    let item = &block.block;
+    let self_ty = &item.self_ty;
+    let cfgs: Vec<&Attribute> = item
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("cfg"))
+        .collect();
+    let name = &method.sig.ident;
+    let consumer = &args.consumer;
+    let message = sig.message;
+    let handle = handle_fn(quote_spanned! {Span::call_site().located_at(name.span())=>
+        ::oncely::__private::Box::pin(Self::#name(self, conn, msg))
+    });
+    let check = signature_check(sig);
+
+    quote! {
+        #item
+
+        #(#cfgs)*
+        impl ::oncely::Handler for #self_ty {
+            type Message = #message;
+
+            fn consumer_name(&self) -> &str {
+                #consumer
             }
-            let errors = errors.map(syn::Error::into_compile_error);
-            quote! {
-                #item
-                #errors
-            }
+
+            #handle
+        }
+
+        #(#cfgs)*
+        const _: () = {
+            #check
+        };
+    }
+}
+
+/// `Handler::handle`, returning `boxed`.
+fn handle_fn(boxed: TokenStream) -> TokenStream {
+    quote! {
+        fn handle<'c>(
+            &'c self,
+            conn: &'c mut ::oncely::__private::AsyncPgConnection,
+            msg: ::oncely::__private::Envelope<Self::Message>,
+        ) -> ::oncely::__private::BoxFuture<
+            'c,
+            ::oncely::__private::Result<(), ::oncely::__private::HandlerError>,
+        > {
+            #boxed
         }
     }
 }
@@ -60,7 +142,7 @@ fn expand(args: &HandlerArgs, func: &HandlerFn, sig: &HandlerSig<'_>) -> TokenSt
 
     let consumer_doc = format!(
         " The consumer name of this handler: `{}`.",
-        consumer.value()
+        consumer.describe()
     );
     let call_doc = format!(
         " Runs the body of `{name}` directly, outside any inbox transaction: what the \
@@ -72,9 +154,9 @@ fn expand(args: &HandlerArgs, func: &HandlerFn, sig: &HandlerSig<'_>) -> TokenSt
 
     // Errors about the boxed future (typically: it is not `Send`) point at the function name.
     let at_name = Span::call_site().located_at(name.span());
-    let boxed = quote_spanned! {at_name=>
+    let handle = handle_fn(quote_spanned! {at_name=>
         ::oncely::__private::Box::pin(Self::call(conn, msg))
-    };
+    });
 
     let check = signature_check(sig);
 
@@ -112,16 +194,7 @@ fn expand(args: &HandlerArgs, func: &HandlerFn, sig: &HandlerSig<'_>) -> TokenSt
                 Self::CONSUMER
             }
 
-            fn handle<'c>(
-                &'c self,
-                conn: &'c mut ::oncely::__private::AsyncPgConnection,
-                msg: ::oncely::__private::Envelope<Self::Message>,
-            ) -> ::oncely::__private::BoxFuture<
-                'c,
-                ::oncely::__private::Result<(), ::oncely::__private::HandlerError>,
-            > {
-                #boxed
-            }
+            #handle
         }
 
         #(#cfgs)*

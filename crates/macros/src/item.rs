@@ -1,11 +1,12 @@
-//! Parsing and validation of the annotated `async fn`.
+//! Parsing and validation of the annotated item: an `async fn`, or an `impl` block holding one
+//! `async fn(&self, ...)` for a handler with state.
 
 use proc_macro2::{Delimiter, Group, Span};
 use quote::ToTokens;
 use syn::parse::{Parse, ParseStream};
 use syn::{
-    Attribute, FnArg, GenericArgument, PatType, PathArguments, ReturnType, Signature, Type,
-    Visibility,
+    Attribute, FnArg, GenericArgument, ImplItem, ImplItemFn, ItemImpl, PatType, PathArguments,
+    ReturnType, Signature, Type, Visibility,
 };
 
 /// The annotated function. The body is kept as raw tokens: it is pasted into the generated
@@ -28,8 +29,8 @@ impl Parse for HandlerFn {
         let vis: Visibility = input.parse()?;
         if input.fork().parse::<Signature>().is_err() {
             return Err(input.error(format!(
-                "#[oncely::handler] applies to an `async fn`: {}",
-                expected("NAME")
+                "#[oncely::handler] applies to an `async fn` or an `impl` block: {}",
+                expected("NAME", Form::Free)
             )));
         }
         let sig: Signature = input.parse()?;
@@ -64,10 +65,83 @@ pub(crate) struct HandlerSig<'a> {
     pub(crate) output: &'a Type,
 }
 
+/// The annotated `impl` block of a handler with state: the method is the handler's body, and
+/// the value it is called on is the handler.
+pub(crate) struct HandlerImpl {
+    /// The block as written; it is emitted unchanged.
+    pub(crate) block: ItemImpl,
+}
+
+impl Parse for HandlerImpl {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        Ok(HandlerImpl {
+            block: input.parse()?,
+        })
+    }
+}
+
+impl HandlerImpl {
+    /// Checks that the block is a plain inherent `impl` holding exactly one method, and that
+    /// method's signature; returns the method with the pieces of its signature.
+    pub(crate) fn validate(&self) -> syn::Result<(&ImplItemFn, HandlerSig<'_>)> {
+        let block = &self.block;
+        let usage = "a handler with state is `#[oncely::handler(consumer = ...)] impl Type { \
+                     async fn NAME(&self, conn: &mut AsyncPgConnection, msg: Envelope<T>) \
+                     -> Result<(), HandlerError> { ... } }`";
+        if let Some((_, path, _)) = &block.trait_ {
+            return Err(syn::Error::new_spanned(
+                path,
+                format!(
+                    "#[oncely::handler] goes on an inherent `impl` block, not a trait impl; {usage}"
+                ),
+            ));
+        }
+        if !block.generics.params.is_empty() || block.generics.where_clause.is_some() {
+            return Err(syn::Error::new_spanned(
+                &block.generics,
+                format!("oncely handlers cannot be generic; {usage}"),
+            ));
+        }
+        let methods: Vec<&ImplItemFn> = block
+            .items
+            .iter()
+            .filter_map(|item| match item {
+                ImplItem::Fn(method) => Some(method),
+                _ => None,
+            })
+            .collect();
+        // One method, so there is no question which one handles: helpers go in another block.
+        let [method] = methods.as_slice() else {
+            return Err(syn::Error::new(
+                block.impl_token.span,
+                format!(
+                    "the `impl` block of a handler holds exactly one method, found {}; \
+                     put other methods in another `impl` block; {usage}",
+                    methods.len()
+                ),
+            ));
+        };
+        Ok((method, validate(&method.sig, Form::Method)?))
+    }
+}
+
+/// Where the handler's body is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// A free `async fn(conn, msg)`.
+    Free,
+    /// An `async fn(&self, conn, msg)` in an `impl` block.
+    Method,
+}
+
 /// The signature every error message points to.
-fn expected(name: &str) -> String {
+fn expected(name: &str, form: Form) -> String {
+    let receiver = match form {
+        Form::Free => "",
+        Form::Method => "&self, ",
+    };
     format!(
-        "expected `async fn {name}(conn: &mut AsyncPgConnection, msg: Envelope<T>) \
+        "expected `async fn {name}({receiver}conn: &mut AsyncPgConnection, msg: Envelope<T>) \
          -> Result<(), HandlerError>`"
     )
 }
@@ -131,124 +205,166 @@ impl HandlerFn {
     /// Checks the signature's shape; the types themselves are checked by the compiler, through
     /// the assertions the expansion emits.
     pub(crate) fn validate(&self) -> syn::Result<HandlerSig<'_>> {
-        let sig = &self.sig;
-        let expected = expected(&sig.ident.to_string());
-        let mut errors = Errors::default();
+        validate(&self.sig, Form::Free)
+    }
+}
 
-        if let Some(token) = &sig.constness {
-            errors.push_spanned(
-                token,
-                format!("oncely handlers cannot be `const fn`; {expected}"),
-            );
-        }
-        if sig.asyncness.is_none() {
-            errors.push(sig.fn_token.span, "oncely handlers must be `async fn`");
-        }
-        if let Some(token) = &sig.unsafety {
-            errors.push_spanned(
-                token,
-                format!("oncely handlers cannot be `unsafe fn`; {expected}"),
-            );
-        }
-        if let Some(abi) = &sig.abi {
-            errors.push_spanned(
-                abi,
-                format!("oncely handlers cannot be `extern fn`; {expected}"),
-            );
-        }
-        if !sig.generics.params.is_empty() {
-            errors.push_spanned(
-                &sig.generics,
-                format!("oncely handlers cannot be generic; {expected}"),
-            );
-        }
-        if let Some(where_clause) = &sig.generics.where_clause {
-            errors.push_spanned(
-                where_clause,
-                format!("oncely handlers cannot have a `where` clause; {expected}"),
-            );
-        }
-        if let Some(variadic) = &sig.variadic {
-            errors.push_spanned(
-                variadic,
-                format!("oncely handlers cannot be variadic; {expected}"),
-            );
-        }
+/// Checks a handler signature of either form.
+fn validate(sig: &Signature, form: Form) -> syn::Result<HandlerSig<'_>> {
+    let expected = expected(&sig.ident.to_string(), form);
+    let mut errors = Errors::default();
 
-        let mut typed = Vec::new();
-        for input in &sig.inputs {
-            match input {
-                FnArg::Receiver(receiver) => errors.push_spanned(
-                    receiver,
-                    format!(
-                        "oncely handlers are free functions and cannot take `self`; {expected}"
-                    ),
+    if let Some(token) = &sig.constness {
+        errors.push_spanned(
+            token,
+            format!("oncely handlers cannot be `const fn`; {expected}"),
+        );
+    }
+    if sig.asyncness.is_none() {
+        errors.push(sig.fn_token.span, "oncely handlers must be `async fn`");
+    }
+    if let Some(token) = &sig.unsafety {
+        errors.push_spanned(
+            token,
+            format!("oncely handlers cannot be `unsafe fn`; {expected}"),
+        );
+    }
+    if let Some(abi) = &sig.abi {
+        errors.push_spanned(
+            abi,
+            format!("oncely handlers cannot be `extern fn`; {expected}"),
+        );
+    }
+    if !sig.generics.params.is_empty() {
+        errors.push_spanned(
+            &sig.generics,
+            format!("oncely handlers cannot be generic; {expected}"),
+        );
+    }
+    if let Some(where_clause) = &sig.generics.where_clause {
+        errors.push_spanned(
+            where_clause,
+            format!("oncely handlers cannot have a `where` clause; {expected}"),
+        );
+    }
+    if let Some(variadic) = &sig.variadic {
+        errors.push_spanned(
+            variadic,
+            format!("oncely handlers cannot be variadic; {expected}"),
+        );
+    }
+
+    let (conn, msg) = arguments(sig, form, &expected, &mut errors).unzip();
+
+    if let Some(conn) = conn {
+        let is_mut_ref = matches!(peel(&conn.ty), Type::Reference(r) if r.mutability.is_some());
+        if !is_mut_ref {
+            errors.push_spanned(
+                &conn.ty,
+                format!("the first argument must be `&mut AsyncPgConnection`; {expected}"),
+            );
+        }
+    }
+    let message = msg.and_then(|msg| {
+        let payload = envelope_payload(&msg.ty);
+        if payload.is_none() {
+            errors.push_spanned(
+                &msg.ty,
+                format!(
+                    "the second argument must be `Envelope<T>`, T being the message type; \
+                         {expected}"
                 ),
-                FnArg::Typed(arg) => typed.push(arg),
-            }
+            );
         }
-        let (conn, msg) = match typed.as_slice() {
-            [conn, msg] if sig.receiver().is_none() => (Some(*conn), Some(*msg)),
-            _ => {
-                if sig.receiver().is_none() {
-                    errors.push(
-                        sig.paren_token.span.join(),
-                        format!(
-                            "oncely handlers take exactly 2 arguments, found {}; {expected}",
-                            sig.inputs.len()
-                        ),
+        payload
+    });
+
+    let output = match &sig.output {
+        ReturnType::Type(_, ty) => Some(&**ty),
+        ReturnType::Default => {
+            errors.push(
+                sig.paren_token.span.close(),
+                format!("missing return type `-> Result<(), HandlerError>`; {expected}"),
+            );
+            None
+        }
+    };
+
+    if let Some(error) = errors.0 {
+        return Err(error);
+    }
+    match (conn, msg, message, output) {
+        (Some(conn), Some(msg), Some(message), Some(output)) => Ok(HandlerSig {
+            conn,
+            msg,
+            message,
+            output,
+        }),
+        // Every `None` above pushed an error.
+        _ => Err(syn::Error::new(sig.ident.span(), expected)),
+    }
+}
+
+/// `conn` and `msg` when the arguments have the form's shape; what is wrong goes to `errors`.
+fn arguments<'a>(
+    sig: &'a Signature,
+    form: Form,
+    expected: &str,
+    errors: &mut Errors,
+) -> Option<(&'a PatType, &'a PatType)> {
+    let mut typed = Vec::new();
+    let mut receiver_ok = form == Form::Free;
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(receiver) if form == Form::Free => errors.push_spanned(
+                receiver,
+                format!(
+                    "a free oncely handler cannot take `self`: for a handler with state, \
+                         put `#[oncely::handler(...)]` on the `impl` block that holds the \
+                         method; {expected}"
+                ),
+            ),
+            FnArg::Receiver(receiver) => {
+                // `Handler::handle` lends the handler shared: `&mut self` or `self` would
+                // not compile in the generated impl, so say it here.
+                let shared = receiver.reference.is_some()
+                    && receiver.mutability.is_none()
+                    && receiver.colon_token.is_none();
+                if !shared {
+                    errors.push_spanned(
+                        receiver,
+                        format!("an oncely handler method takes `&self`; {expected}"),
                     );
                 }
-                (None, None)
+                receiver_ok = true;
             }
-        };
-
-        if let Some(conn) = conn {
-            let is_mut_ref = matches!(peel(&conn.ty), Type::Reference(r) if r.mutability.is_some());
-            if !is_mut_ref {
-                errors.push_spanned(
-                    &conn.ty,
-                    format!("the first argument must be `&mut AsyncPgConnection`; {expected}"),
-                );
-            }
+            FnArg::Typed(arg) => typed.push(arg),
         }
-        let message = msg.and_then(|msg| {
-            let payload = envelope_payload(&msg.ty);
-            if payload.is_none() {
-                errors.push_spanned(
-                    &msg.ty,
+    }
+    if !receiver_ok {
+        errors.push(
+            sig.paren_token.span.join(),
+            format!("an oncely handler method takes `&self` first; {expected}"),
+        );
+    }
+    match typed.as_slice() {
+        [conn, msg] if receiver_ok => Some((*conn, *msg)),
+        _ => {
+            if receiver_ok {
+                errors.push(
+                    sig.paren_token.span.join(),
                     format!(
-                        "the second argument must be `Envelope<T>`, T being the message type; \
-                         {expected}"
+                        "oncely handlers take exactly 2 arguments{}, found {}; {expected}",
+                        if form == Form::Method {
+                            " after `&self`"
+                        } else {
+                            ""
+                        },
+                        typed.len()
                     ),
                 );
             }
-            payload
-        });
-
-        let output = match &sig.output {
-            ReturnType::Type(_, ty) => Some(&**ty),
-            ReturnType::Default => {
-                errors.push(
-                    sig.paren_token.span.close(),
-                    format!("missing return type `-> Result<(), HandlerError>`; {expected}"),
-                );
-                None
-            }
-        };
-
-        if let Some(error) = errors.0 {
-            return Err(error);
-        }
-        match (conn, msg, message, output) {
-            (Some(conn), Some(msg), Some(message), Some(output)) => Ok(HandlerSig {
-                conn,
-                msg,
-                message,
-                output,
-            }),
-            // Every `None` above pushed an error.
-            _ => Err(syn::Error::new(sig.ident.span(), expected)),
+            None
         }
     }
 }

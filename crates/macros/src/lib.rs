@@ -9,7 +9,8 @@ mod item;
 
 use proc_macro::TokenStream;
 
-/// Turns an `async fn` into an [`oncely::Handler`] bound to one consumer name.
+/// Turns an `async fn`, or an `impl` block holding one async method, into an
+/// [`oncely::Handler`] bound to one consumer name.
 ///
 /// ```ignore
 /// use oncely::{AsyncPgConnection, Envelope, HandlerError};
@@ -59,6 +60,37 @@ use proc_macro::TokenStream;
 ///
 /// Doc comments go on the struct; other attributes stay on `call`; `#[cfg]` applies to all of
 /// it. The generated code names the runtime crate as `::oncely`.
+///
+/// `consumer` is a string literal or the path of a `&str` constant, so a service that also
+/// needs its consumer name elsewhere (queue names, flags) writes it once:
+/// `#[oncely::handler(consumer = CONSUMER)]`.
+///
+/// # Handlers with state
+///
+/// A handler that holds clients, pools or configuration puts the attribute on an inherent
+/// `impl` block holding exactly one `async fn(&self, conn, msg)`; the value it is called on is
+/// the handler, and other methods go in another block:
+///
+/// ```ignore
+/// pub struct ReserveStock { inventory: InventoryClient }
+///
+/// #[oncely::handler(consumer = CONSUMER)]
+/// impl ReserveStock {
+///     /// Reserves the order's stock.
+///     pub async fn reserve(
+///         &self,
+///         conn: &mut AsyncPgConnection,
+///         msg: Envelope<OrderCreated>,
+///     ) -> Result<(), HandlerError> {
+///         // ... self.inventory ...
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// The block is kept as written and gains
+/// `impl oncely::Handler for ReserveStock`, whose `handle` boxes `Self::reserve(self, conn, msg)`.
+/// Here `consumer` may also read the value: `consumer = &self.name`.
 ///
 /// [`oncely::Handler`]: https://docs.rs/oncely/latest/oncely/trait.Handler.html
 #[proc_macro_attribute]

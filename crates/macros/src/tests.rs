@@ -127,7 +127,7 @@ fn error_of(args: TokenStream, item: TokenStream) -> String {
     let items = expand(args, item);
     // The original item comes first, unchanged, so the IDE keeps seeing the function.
     assert!(
-        matches!(items.first(), Some(Item::Fn(_))),
+        matches!(items.first(), Some(Item::Fn(_) | Item::Impl(_))),
         "original item not re-emitted"
     );
     items
@@ -146,6 +146,17 @@ fn error_of(args: TokenStream, item: TokenStream) -> String {
         .join("\n")
 }
 
+/// Each item, under `consumer = "x"`, fails with an error containing its text.
+fn expect_errors(cases: &[(TokenStream, &str)]) {
+    for (item, expected) in cases {
+        let error = error_of(quote!(consumer = "x"), item.clone());
+        assert!(
+            error.contains(expected),
+            "{item}: expected {expected:?}, got {error}"
+        );
+    }
+}
+
 #[test]
 fn attribute_errors() {
     let missing = error_of(quote!(), valid_item());
@@ -157,10 +168,15 @@ fn attribute_errors() {
     assert!(empty.contains("`consumer` must not be empty"), "{empty}");
     let unknown = error_of(quote!(consumer = "x", queue = "y"), valid_item());
     assert!(unknown.contains("unknown argument `queue`"), "{unknown}");
-    let not_string = error_of(quote!(consumer = billing), valid_item());
+    let not_string = error_of(quote!(consumer = 42), valid_item());
     assert!(
-        not_string.contains("must be a string literal"),
+        not_string.contains("must be a string literal or the path of a `&str` constant"),
         "{not_string}"
+    );
+    let from_self = error_of(quote!(consumer = &self.name), valid_item());
+    assert!(
+        from_self.contains("needs `#[oncely::handler]` on an `impl` block"),
+        "{from_self}"
     );
     let padded = error_of(quote!(consumer = " billing"), valid_item());
     assert!(padded.contains("whitespace"), "{padded}");
@@ -231,13 +247,7 @@ fn signature_errors() {
             "`extern fn`",
         ),
     ];
-    for (item, expected) in cases {
-        let error = error_of(quote!(consumer = "x"), item.clone());
-        assert!(
-            error.contains(expected),
-            "{item}: expected {expected:?}, got {error}"
-        );
-    }
+    expect_errors(&cases);
 }
 
 #[test]
@@ -263,4 +273,142 @@ fn not_a_function() {
     .to_string();
     assert!(output.starts_with("struct NotAFn ;"), "{output}");
     assert!(output.contains("applies to an `async fn`"), "{output}");
+}
+
+#[test]
+fn a_constant_path_names_the_consumer() {
+    let items = expand(quote!(consumer = crate::CONSUMER), valid_item());
+    let Some(Item::Impl(inherent)) = items.get(1) else {
+        panic!("no inherent impl");
+    };
+    let Some(ImplItem::Const(consumer)) = inherent.items.first() else {
+        panic!("no CONSUMER");
+    };
+    assert_eq!(
+        consumer.expr.to_token_stream().to_string(),
+        "crate :: CONSUMER"
+    );
+    assert_eq!(
+        docs(&consumer.attrs),
+        [" The consumer name of this handler: `crate::CONSUMER`."]
+    );
+}
+
+fn valid_impl() -> TokenStream {
+    quote! {
+        #[cfg(feature = "fulfillment")]
+        impl ReserveStock {
+            /// Reserves the stock.
+            pub async fn reserve(
+                &self,
+                conn: &mut AsyncPgConnection,
+                msg: Envelope<OrderCreated>,
+            ) -> Result<(), HandlerError> {
+                Ok(())
+            }
+        }
+    }
+}
+
+#[test]
+fn an_impl_block_keeps_its_method_and_gains_a_handler_impl() {
+    let items = expand(quote!(consumer = &self.name), valid_impl());
+    let [
+        Item::Impl(inherent),
+        Item::Impl(handler_impl),
+        Item::Const(check),
+    ] = items.as_slice()
+    else {
+        panic!("unexpected item kinds");
+    };
+    assert!(inherent.trait_.is_none());
+    assert!(matches!(inherent.items.as_slice(), [ImplItem::Fn(f)] if f.sig.ident == "reserve"));
+    for attrs in [&handler_impl.attrs, &check.attrs] {
+        assert!(has(attrs, "cfg"), "missing #[cfg]");
+    }
+    let handler_trait = handler_impl.trait_.as_ref().map(|(_, path, _)| path);
+    assert_eq!(
+        handler_trait.to_token_stream().to_string(),
+        ":: oncely :: Handler"
+    );
+    assert_eq!(
+        handler_impl.self_ty.to_token_stream().to_string(),
+        "ReserveStock"
+    );
+    let body = |name: &str| {
+        handler_impl.items.iter().find_map(|item| match item {
+            ImplItem::Fn(f) if f.sig.ident == name => Some(f.block.to_token_stream().to_string()),
+            _ => None,
+        })
+    };
+    assert_eq!(body("consumer_name").as_deref(), Some("{ & self . name }"));
+    let handle = body("handle").expect("handle");
+    assert!(
+        handle.contains("Self :: reserve (self , conn , msg)"),
+        "{handle}"
+    );
+}
+
+#[test]
+fn impl_block_errors() {
+    let cases = [
+        (
+            quote!(
+                impl Handler for H {
+                    async fn h(&self, c: &mut C, m: Envelope<M>) -> R {}
+                }
+            ),
+            "not a trait impl",
+        ),
+        (
+            quote!(
+                impl<T> H<T> {
+                    async fn h(&self, c: &mut C, m: Envelope<M>) -> R {}
+                }
+            ),
+            "cannot be generic",
+        ),
+        (
+            quote!(
+                impl H {
+                    async fn h(&self, c: &mut C, m: Envelope<M>) -> R {}
+                    fn helper(&self) {}
+                }
+            ),
+            "holds exactly one method, found 2",
+        ),
+        (
+            quote!(
+                impl H {
+                    async fn h(c: &mut C, m: Envelope<M>) -> R {}
+                }
+            ),
+            "takes `&self` first",
+        ),
+        (
+            quote!(
+                impl H {
+                    async fn h(&mut self, c: &mut C, m: Envelope<M>) -> R {}
+                }
+            ),
+            "an oncely handler method takes `&self`; expected `async fn h(&self, conn",
+        ),
+        (
+            quote!(
+                impl H {
+                    async fn h(&self, c: &mut C) -> R {}
+                }
+            ),
+            "take exactly 2 arguments after `&self`, found 1",
+        ),
+        (
+            quote!(
+                impl H {
+                    fn h(&self, c: &mut C, m: Envelope<M>) -> R {}
+                }
+            ),
+            "must be `async fn`",
+        ),
+    ];
+    expect_errors(&cases);
 }

@@ -12,7 +12,31 @@ pub use oncely_inbox::BoxFuture;
 /// The handler runs inside the inbox transaction: every statement it sends through `conn`
 /// commits together with the inbox row, or not at all. It must not commit or roll back itself.
 ///
-/// Write one with `#[oncely::handler(consumer = "...")]` on an async fn, or by hand:
+/// Write one with `#[oncely::handler(consumer = "...")]` on an async fn; for a handler with
+/// state, on an `impl` block holding one `async fn(&self, conn, msg)`:
+///
+/// ```
+/// use oncely::{AsyncPgConnection, Envelope, HandlerError};
+///
+/// const CONSUMER: &str = "pong";
+///
+/// #[derive(serde::Deserialize)]
+/// struct Ping { n: u32 }
+///
+/// struct Pong { limit: u32 }
+///
+/// #[oncely::handler(consumer = CONSUMER)]
+/// impl Pong {
+///     async fn pong(&self, _conn: &mut AsyncPgConnection, msg: Envelope<Ping>)
+///         -> Result<(), HandlerError>
+///     {
+///         if msg.payload.n > self.limit { return Err(HandlerError::permanent("big", "n too big")); }
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// or by hand:
 ///
 /// ```
 /// use oncely::{AsyncPgConnection, BoxFuture, Envelope, Handler, HandlerError};

@@ -24,6 +24,7 @@ pub use oncely_amqp::{
     PublisherOptions, QueueType, StatsSnapshot, Topology, broker_urls, caused_by, close_channel,
     close_connection, connect, current_cause, node_of, open_connection, read_delivery_count,
 };
+pub use oncely_amqp::{QueueDepth, queue_depth};
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
     ErrorKind, HandlerError, Metadata, Reason, RetryPolicy, headers, health, metric_names,

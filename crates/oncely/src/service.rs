@@ -42,7 +42,8 @@ pub struct ServiceError {
     pub failures: Vec<(String, String)>,
 }
 
-/// A service's consumers, relays and tasks, run together. See the [module docs](self).
+/// A service's consumers, relays and tasks, run together, with logging, metrics and health
+/// from the environment, and one graceful shutdown that drains them all.
 pub struct Service {
     name: String,
     components: Vec<(String, Component)>,

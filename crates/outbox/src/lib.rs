@@ -10,11 +10,13 @@
 //! # use oncely_outbox::{NewOutboxMessage, enqueue};
 //! # use diesel_async::{AsyncConnection, AsyncPgConnection};
 //! # async fn demo(conn: &mut AsyncPgConnection) -> Result<(), Box<dyn std::error::Error>> {
-//! let event = NewOutboxMessage::new(
-//!     "order.created.v1:ord-1", "order", "ord-1", "order.created.v1",
-//!     "order.events", "order.created.v1",
-//!     &serde_json::json!({"order_id": "ord-1"}),
-//! )?;
+//! let event = NewOutboxMessage::builder()
+//!     .id("order.created.v1:ord-1")
+//!     .aggregate("order", "ord-1")
+//!     .event_type("order.created.v1")
+//!     .exchange("order.events")
+//!     .payload(&serde_json::json!({"order_id": "ord-1"}))
+//!     .build()?;
 //! conn.transaction::<_, diesel::result::Error, _>(async |conn| {
 //!     // ... insert the order row ...
 //!     enqueue(conn, &event).await
@@ -27,7 +29,7 @@ mod message;
 mod relay;
 mod schema;
 
-pub use message::{NewOutboxMessage, enqueue, enqueue_many};
+pub use message::{MessageError, NewOutboxMessage, NewOutboxMessageBuilder, enqueue, enqueue_many};
 #[cfg(feature = "failpoints")]
 pub use relay::RelayFault;
 pub use relay::{

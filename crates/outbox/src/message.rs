@@ -30,27 +30,22 @@ pub struct NewOutboxMessage {
 }
 
 impl NewOutboxMessage {
-    /// An event with `payload` serialised to JSON and no headers.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: impl Into<String>,
-        aggregate_type: impl Into<String>,
-        aggregate_id: impl Into<String>,
-        event_type: impl Into<String>,
-        exchange: impl Into<String>,
-        routing_key: impl Into<String>,
-        payload: &impl Serialize,
-    ) -> Result<Self, serde_json::Error> {
-        Ok(NewOutboxMessage {
-            id: id.into(),
-            aggregate_type: aggregate_type.into(),
-            aggregate_id: aggregate_id.into(),
-            event_type: event_type.into(),
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-            payload: serde_json::to_value(payload)?,
-            headers: Value::Object(Map::new()),
-        })
+    /// Starts an event: every part is named, none is positional.
+    ///
+    /// ```
+    /// # use oncely_outbox::NewOutboxMessage;
+    /// let event = NewOutboxMessage::builder()
+    ///     .id("order.created.v1:ord-1") // the message id: stable per event
+    ///     .aggregate("order", "ord-1") // its events go out in enqueue order
+    ///     .event_type("order.created.v1") // the AMQP `type`, and the routing key by default
+    ///     .exchange("order.events")
+    ///     .payload(&serde_json::json!({"order_id": "ord-1"}))
+    ///     .build()?;
+    /// assert_eq!(event.routing_key, "order.created.v1");
+    /// # Ok::<(), oncely_outbox::MessageError>(())
+    /// ```
+    pub fn builder() -> NewOutboxMessageBuilder {
+        NewOutboxMessageBuilder::default()
     }
 
     /// Adds a header (e.g. `tenant_id`, `causation_id`, `correlation_id`).
@@ -71,12 +66,17 @@ impl NewOutboxMessage {
     /// # use oncely_core::Metadata;
     /// let mut handled = Metadata::with_message_id("order.created.v1:ord-1");
     /// handled.correlation_id = Some("req-42".into());
-    /// let event = NewOutboxMessage::new("invoice.created.v1:ord-1", "invoice", "ord-1",
-    ///     "invoice.created.v1", "billing.events", "invoice.created.v1", &serde_json::json!({}))?
+    /// let event = NewOutboxMessage::builder()
+    ///     .id("invoice.created.v1:ord-1")
+    ///     .aggregate("invoice", "ord-1")
+    ///     .event_type("invoice.created.v1")
+    ///     .exchange("billing.events")
+    ///     .payload(&serde_json::json!({}))
+    ///     .build()?
     ///     .caused_by(&handled);
     /// assert_eq!(event.headers["correlation_id"], "req-42");
     /// assert_eq!(event.headers["causation_id"], "order.created.v1:ord-1");
-    /// # Ok::<(), serde_json::Error>(())
+    /// # Ok::<(), oncely_outbox::MessageError>(())
     /// ```
     pub fn caused_by(mut self, cause: &Metadata) -> Self {
         if !self.headers.is_object() {
@@ -95,6 +95,90 @@ impl NewOutboxMessage {
         }
         self
     }
+}
+
+/// Builds a [`NewOutboxMessage`]; see [`NewOutboxMessage::builder`].
+#[derive(Debug, Default)]
+#[must_use = "call `build()` to get the message"]
+pub struct NewOutboxMessageBuilder {
+    id: Option<String>,
+    aggregate: Option<(String, String)>,
+    event_type: Option<String>,
+    exchange: Option<String>,
+    routing_key: Option<String>,
+    payload: Option<Result<Value, serde_json::Error>>,
+}
+
+impl NewOutboxMessageBuilder {
+    /// The message id: stable for this event, so a re-publish is recognised as a duplicate.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// The aggregate the event belongs to: its kind (`order`) and id (`ord-1`). Events of one
+    /// aggregate are published in enqueue order.
+    pub fn aggregate(mut self, kind: impl Into<String>, id: impl Into<String>) -> Self {
+        self.aggregate = Some((kind.into(), id.into()));
+        self
+    }
+
+    /// The message type (`order.created.v1`), the AMQP `type` property.
+    pub fn event_type(mut self, event_type: impl Into<String>) -> Self {
+        self.event_type = Some(event_type.into());
+        self
+    }
+
+    /// The exchange to publish to.
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = Some(exchange.into());
+        self
+    }
+
+    /// The routing key; the event type when not set.
+    pub fn routing_key(mut self, routing_key: impl Into<String>) -> Self {
+        self.routing_key = Some(routing_key.into());
+        self
+    }
+
+    /// The body, serialised to JSON (a failure is reported by [`build`](Self::build)).
+    pub fn payload(mut self, payload: &impl Serialize) -> Self {
+        self.payload = Some(serde_json::to_value(payload));
+        self
+    }
+
+    /// The event, with no headers yet: [`NewOutboxMessage::header`] adds them. Fails when a
+    /// part other than the routing key is missing, or the payload does not serialise.
+    pub fn build(self) -> Result<NewOutboxMessage, MessageError> {
+        let id = self.id.ok_or(MessageError::Missing("id"))?;
+        let (aggregate_type, aggregate_id) =
+            self.aggregate.ok_or(MessageError::Missing("aggregate"))?;
+        let event_type = self.event_type.ok_or(MessageError::Missing("event_type"))?;
+        let exchange = self.exchange.ok_or(MessageError::Missing("exchange"))?;
+        let payload = self.payload.ok_or(MessageError::Missing("payload"))??;
+        Ok(NewOutboxMessage {
+            id,
+            aggregate_type,
+            aggregate_id,
+            routing_key: self.routing_key.unwrap_or_else(|| event_type.clone()),
+            event_type,
+            exchange,
+            payload,
+            headers: Value::Object(Map::new()),
+        })
+    }
+}
+
+/// Why [`NewOutboxMessageBuilder::build`] refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// A required part was not given.
+    #[error("outbox message without {0}")]
+    Missing(&'static str),
+    /// The payload does not serialise to JSON.
+    #[error("outbox message payload is not JSON: {0}")]
+    Payload(#[from] serde_json::Error),
 }
 
 /// `message` marked as caused by the message the current task handles, if any.

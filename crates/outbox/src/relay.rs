@@ -10,7 +10,7 @@ use oncely_amqp::lapin::types::{AMQPValue, FieldTable, LongString};
 use oncely_amqp::{Backoff, OutgoingMessage, Publisher, ReconnectBackoff};
 use oncely_core::health::{Component, Kind, Registry};
 use oncely_core::metric_names as names;
-use oncely_inbox::Pool;
+use oncely_inbox::{Pool, PoolOptions, connect_pool};
 use serde_json::Value;
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +40,10 @@ pub struct RelayOptions {
     /// How often the backlog gauges (unpublished rows, oldest unpublished age) are refreshed
     /// with a count over the unpublished rows. Default 5 s.
     pub backlog_interval: Duration,
+    /// The relay's own connections, opened when first needed. Default at most 2: its loop
+    /// holds one at a time (a cycle, the backlog count, the clean-up, one after another); the
+    /// second serves a caller's own `cycle` or `refresh_backlog` meanwhile.
+    pub pool: PoolOptions,
 }
 
 impl Default for RelayOptions {
@@ -58,6 +62,10 @@ impl Default for RelayOptions {
             app_id: None,
             name: "outbox".to_owned(),
             backlog_interval: Duration::from_secs(5),
+            pool: PoolOptions {
+                max_size: 2,
+                ..PoolOptions::default()
+            },
         }
     }
 }
@@ -242,17 +250,18 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// A relay over `pool` (and a LISTEN connection to `database_url`) publishing with
-    /// `publisher`.
+    /// A relay over the database at `database_url` (a pool of its own, sized by
+    /// [`RelayOptions::pool`], and a LISTEN connection) publishing with `publisher`. Nothing
+    /// connects before [`run`](Self::run).
     pub fn new(
-        pool: Pool,
         database_url: impl Into<String>,
         publisher: Arc<Publisher>,
         options: RelayOptions,
     ) -> Self {
+        let database_url = database_url.into();
         Relay {
-            pool,
-            database_url: database_url.into(),
+            pool: connect_pool(&database_url, &options.pool),
+            database_url,
             publisher,
             stats: Arc::new(RelayStats::default()),
             #[cfg(feature = "failpoints")]

@@ -52,13 +52,5 @@ async fn audit_catches_up_after_being_down_with_nothing_missing_or_doubled() {
 
     let mut conn = h.pool.get().await.expect("connection");
     assert_eq!(audit::count_events(&mut conn).await.expect("count"), 300);
-    let channel = h.connection.create_channel().await.expect("channel");
-    for q in topology.queues() {
-        let _ = channel
-            .queue_delete(q.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(topology.exchange().into(), Default::default())
-        .await;
+    let _ = topology.delete(&h.connection).await;
 }

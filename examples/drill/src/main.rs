@@ -90,7 +90,7 @@ struct Cli {
     /// Directory of the service binaries (default: the drill's own).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Directory for logs, counters.csv and report.json (default target/drill/<run>).
+    /// Directory for logs, counters.csv and report.json (default `target/drill/<run>`).
     #[arg(long)]
     out_dir: Option<PathBuf>,
 }
@@ -1204,27 +1204,13 @@ impl Broker {
     }
 
     async fn cleanup(&self, names: &Names) {
-        use oncely::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
         let Ok(connection) = self.connection().await else {
             return;
         };
-        let Ok(channel) = connection.create_channel().await else {
-            return;
-        };
+        // Every consumer's topology shares the one exchange: deleting it twice is harmless.
         for topology in names.all() {
-            for q in topology.queues() {
-                let _ = channel
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
+            let _ = topology.delete(&connection).await;
         }
-        let _ = channel
-            .exchange_delete(
-                names.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
-            .await;
-        oncely::close_channel(&channel, 200, "cleaned up").await;
     }
 
     async fn close(&self) {
@@ -1235,27 +1221,15 @@ impl Broker {
 }
 
 async fn queue_len(connection: &Connection, queue: &str) -> Option<u32> {
-    use oncely::lapin::options::QueueDeclareOptions;
-    let channel = connection.create_channel().await.ok()?;
-    let n = tokio::time::timeout(
+    // The monitor samples every second: a broker slower than this skips a sample.
+    tokio::time::timeout(
         Duration::from_secs(5),
-        channel.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            Default::default(),
-        ),
+        oncely::queue_depth(connection, queue),
     )
     .await
+    .ok()?
     .ok()
-    .and_then(|r| r.ok())
-    .map(|q| q.message_count());
-    if channel.status().connected() {
-        oncely::close_channel(&channel, 200, "counted").await;
-    }
-    n
+    .map(|depth| depth.messages)
 }
 
 async fn api_stats(url: &str) -> Option<fulfillment::inventory_api::ApiStatsSnapshot> {

@@ -20,8 +20,8 @@
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use oncely::Pool;
 use oncely::prelude::*;
-use oncely::{BoxFuture, Pool};
 pub use oncely_example_messages::{ORDER_CREATED_V1, ORDER_EVENTS_EXCHANGE, OrderCreated};
 use std::time::Duration;
 
@@ -136,15 +136,12 @@ pub struct ReserveStock {
     api: InventoryClient,
 }
 
+#[oncely::handler(consumer = CONSUMER)]
 impl ReserveStock {
-    /// A handler calling `api`, writing operation rows through `operations`: a pool of its own,
-    /// apart from the inbox's, so a handler holding its transaction connection never waits for
-    /// a second one from the same pool.
-    pub fn new(operations: Pool, api: InventoryClient) -> Self {
-        ReserveStock { operations, api }
-    }
-
-    async fn reserve(
+    /// Reserves the order's stock unless a reservation is already recorded: the operation row
+    /// first, then the API call with the order's idempotency key, then the reservation inside
+    /// the inbox transaction.
+    pub async fn reserve(
         &self,
         conn: &mut AsyncPgConnection,
         msg: Envelope<OrderCreated>,
@@ -173,6 +170,15 @@ impl ReserveStock {
                 Err(error)
             }
         }
+    }
+}
+
+impl ReserveStock {
+    /// A handler calling `api`, writing operation rows through `operations`: a pool of its own,
+    /// apart from the inbox's, so a handler holding its transaction connection never waits for
+    /// a second one from the same pool.
+    pub fn new(operations: Pool, api: InventoryClient) -> Self {
+        ReserveStock { operations, api }
     }
 
     /// Writes the operation row (or counts one more call on it) and commits it at once, on a
@@ -227,22 +233,6 @@ impl ReserveStock {
         if let Err(e) = result {
             tracing::warn!(order_id, error = %e, "could not record the failed reservation call");
         }
-    }
-}
-
-impl Handler for ReserveStock {
-    type Message = OrderCreated;
-
-    fn consumer_name(&self) -> &str {
-        CONSUMER
-    }
-
-    fn handle<'c>(
-        &'c self,
-        conn: &'c mut AsyncPgConnection,
-        msg: Envelope<OrderCreated>,
-    ) -> BoxFuture<'c, Result<(), HandlerError>> {
-        Box::pin(self.reserve(conn, msg))
     }
 }
 

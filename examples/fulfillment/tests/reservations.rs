@@ -3,9 +3,7 @@
 
 use fulfillment::inventory_api::{ApiStats, Faults, InventoryApi};
 use fulfillment::{FulfillmentCounts, InventoryClient, ReserveStock};
-use oncely::{
-    AsyncPgConnection, BoxFuture, Envelope, Handler, HandlerError, PoolOptions, RetryPolicy,
-};
+use oncely::{AsyncPgConnection, Envelope, HandlerError, PoolOptions, RetryPolicy};
 use oncely_e2e::Harness;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,27 +106,20 @@ struct FailAfterTheCall {
     failed: AtomicU64,
 }
 
-impl Handler for FailAfterTheCall {
-    type Message = oncely_example_messages::OrderCreated;
-
-    fn consumer_name(&self) -> &str {
-        fulfillment::CONSUMER
-    }
-
-    fn handle<'c>(
-        &'c self,
-        conn: &'c mut AsyncPgConnection,
-        msg: Envelope<Self::Message>,
-    ) -> BoxFuture<'c, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let first = msg.metadata.attempt <= 1;
-            self.inner.handle(conn, msg).await?;
-            if first {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                return Err(HandlerError::retryable("lost_before_commit", "simulated"));
-            }
-            Ok(())
-        })
+#[oncely::handler(consumer = fulfillment::CONSUMER)]
+impl FailAfterTheCall {
+    async fn handle(
+        &self,
+        conn: &mut AsyncPgConnection,
+        msg: Envelope<oncely_example_messages::OrderCreated>,
+    ) -> Result<(), HandlerError> {
+        let first = msg.metadata.attempt <= 1;
+        self.inner.reserve(conn, msg).await?;
+        if first {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(HandlerError::retryable("lost_before_commit", "simulated"));
+        }
+        Ok(())
     }
 }
 

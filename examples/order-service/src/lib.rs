@@ -37,17 +37,15 @@ pub async fn migrate(database_url: &str) -> Result<(), oncely::MigrationError> {
 pub fn order_created(
     order: &OrderCreated,
     exchange: &str,
-) -> Result<NewOutboxMessage, serde_json::Error> {
-    Ok(NewOutboxMessage::new(
-        order.message_id(),
-        "order",
-        order.order_id.as_str(),
-        ORDER_CREATED_V1,
-        exchange,
-        ORDER_CREATED_V1,
-        order,
-    )?
-    .header("idempotency_key", order.order_id.as_str()))
+) -> Result<NewOutboxMessage, oncely::outbox::MessageError> {
+    Ok(NewOutboxMessage::builder()
+        .id(order.message_id())
+        .aggregate("order", order.order_id.as_str())
+        .event_type(ORDER_CREATED_V1)
+        .exchange(exchange)
+        .payload(order)
+        .build()?
+        .header("idempotency_key", order.order_id.as_str()))
 }
 
 /// Places `order`: the order row and its event commit together, or neither does.

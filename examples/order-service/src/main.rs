@@ -86,7 +86,6 @@ async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
         PublisherOptions::default(),
     ));
     let relay = Relay::new(
-        pool,
         &cli.services.database_url,
         publisher.clone(),
         RelayOptions {

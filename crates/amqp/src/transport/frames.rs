@@ -18,8 +18,10 @@ use std::collections::HashMap;
 pub use oncely_core::headers::HEADERS_DROPPED as HEADERS_DROPPED_HEADER;
 /// Added to a message whose properties, header names, exchange or routing key were not UTF-8.
 pub use oncely_core::headers::INVALID_UTF8 as INVALID_UTF8_HEADER;
+// No intra-doc link in the doc of a re-export: rustdoc stops with an internal error ("no
+// resolutions for a doc link") on one.
 /// Replaces a headers table that cannot be read at all (an unknown value type, a length that
-/// runs past its end, nesting deeper than [`MAX_TABLE_DEPTH`]).
+/// runs past its end, nesting deeper than `MAX_TABLE_DEPTH`).
 pub use oncely_core::headers::UNREADABLE_HEADERS as UNREADABLE_HEADERS_HEADER;
 
 const FRAME_METHOD: u8 = 1;

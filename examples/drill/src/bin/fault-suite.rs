@@ -29,7 +29,7 @@ struct Cli {
     /// Directory of the drill and service binaries (default: this program's).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// Where scenario outputs and summary.md go (default target/faults/<time>).
+    /// Where scenario outputs and summary.md go (default `target/faults/<time>`).
     #[arg(long)]
     out_dir: Option<PathBuf>,
 }

@@ -8,10 +8,8 @@ pub async fn unknown_key(
     Ok(())
 }
 
-const NAME: &str = "billing";
-
-#[oncely::handler(consumer = NAME)]
-pub async fn not_a_literal(
+#[oncely::handler(consumer = &self.name)]
+pub async fn reads_self(
     _conn: &mut AsyncPgConnection,
     _msg: Envelope<String>,
 ) -> Result<(), HandlerError> {

@@ -1,47 +1,14 @@
-//! Confirmed, persistent, mandatory publishing.
+//! [`ConfirmPublisher`]: confirmed, persistent, mandatory publishing on a connection the caller
+//! owns.
 
+use super::{OutgoingMessage, PublisherOptions, fail_all};
 use crate::error::{AmqpError, Result, short};
 use crate::telemetry::{AwaitedConfirm, record_publish};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{Channel, Confirmation, Connection};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
-
-/// One message to publish.
-#[derive(Debug, Clone)]
-pub struct OutgoingMessage<'a> {
-    /// Exchange (`""` is the default exchange, which routes by queue name).
-    pub exchange: &'a str,
-    /// Routing key.
-    pub routing_key: &'a str,
-    /// Body.
-    pub body: &'a [u8],
-    /// Properties; delivery mode 2 (persistent) is always set.
-    pub properties: BasicProperties,
-}
-
-/// How a publisher publishes; the defaults are what users of confirmed brokers expect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PublisherOptions {
-    /// Put the channel in confirm mode and wait for each confirm. Default true.
-    pub confirm_delivery: bool,
-    /// Longest wait for a confirm (and for the publish itself, which a blocked connection holds
-    /// back). Default 5 s.
-    pub confirm_timeout: Duration,
-    /// Ask the broker to return messages no queue takes. Default true.
-    pub mandatory: bool,
-}
-
-impl Default for PublisherOptions {
-    fn default() -> Self {
-        PublisherOptions {
-            confirm_delivery: true,
-            confirm_timeout: Duration::from_secs(5),
-            mandatory: true,
-        }
-    }
-}
 
 /// Publishes with publisher confirms on a channel of its own, and waits for the broker's
 /// answer: [`AmqpError::Nacked`], [`AmqpError::Unroutable`] (mandatory publishes that came back)
@@ -272,8 +239,12 @@ impl ConfirmPublisher {
         let channel = match self.open_channel(&mut slot).await {
             Ok(channel) => channel,
             Err(e) => {
-                // A channel that cannot be opened in time is a publish that timed out.
-                let result = Err(e);
+                // A channel that cannot be opened in time is a publish that timed out, and
+                // is reported (and counted) as one, with the message's exchange.
+                let result = Err(match e {
+                    AmqpError::Timeout { .. } => self.timeout_error(&message),
+                    other => other,
+                });
                 record_publish(message.exchange, &result);
                 return result;
             }
@@ -322,9 +293,8 @@ impl ConfirmPublisher {
             Ok::<_, lapin::Error>(channel)
         })
         .await
-        .map_err(|_| AmqpError::ConfirmTimeout {
-            exchange: String::new(),
-            routing_key: String::new(),
+        .map_err(|_| AmqpError::Timeout {
+            what: "opening a confirm channel".to_owned(),
             timeout: self.options.confirm_timeout,
         })??;
         *slot = Some(channel.clone());
@@ -354,13 +324,4 @@ fn confirmation_result(message: &OutgoingMessage<'_>, confirmation: Confirmation
             routing_key: message.routing_key.to_owned(),
         }),
     }
-}
-
-/// One `Publish` error per message: none of them could be sent because of `error`.
-pub(crate) fn fail_all(messages: &[OutgoingMessage<'_>], error: &AmqpError) -> Vec<Result<()>> {
-    let text = error.to_string();
-    messages
-        .iter()
-        .map(|_| Err(AmqpError::Publish(text.clone())))
-        .collect()
 }

@@ -1,9 +1,9 @@
 //! A publisher that owns its connection, reconnects on the next publish after a loss, and can
 //! publish with a delay.
 
+use super::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
 use crate::connection::{Backoff, connect};
 use crate::error::{AmqpError, Result, short};
-use crate::publisher::{ConfirmPublisher, OutgoingMessage, PublisherOptions};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use std::collections::HashSet;
@@ -103,7 +103,7 @@ impl Publisher {
     ) -> Vec<Result<()>> {
         let publisher = match self.connected().await {
             Ok(p) => p,
-            Err(e) => return crate::publisher::fail_all(messages, &e),
+            Err(e) => return super::fail_all(messages, &e),
         };
         let results = publisher.publish_batch(messages, max_outstanding).await;
         if let Some(broken) = results
@@ -208,9 +208,8 @@ impl Publisher {
             connect(&self.amqp_url, &self.connection_name, single),
         )
         .await
-        .map_err(|_| AmqpError::ConfirmTimeout {
-            exchange: String::new(),
-            routing_key: String::new(),
+        .map_err(|_| AmqpError::Timeout {
+            what: "connecting".to_owned(),
             timeout: self.options.confirm_timeout,
         })??;
         let publisher = ConfirmPublisher::with_options(Arc::new(connection), self.options);
