@@ -158,7 +158,7 @@ pub async fn publish_to_topology(
 
 /// Messages ready in `queue`.
 pub async fn queue_depth(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
-    Ok(oncely::queue_depth(connection, queue).await?.messages)
+    Ok(oncely::amqp::queue_depth(connection, queue).await?.messages)
 }
 
 /// Polls `done` every 2 ms until it holds; fails after `limit`.

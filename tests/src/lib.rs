@@ -4,13 +4,14 @@
 
 use billing::{ORDER_CREATED_V1, OrderCreated, PublishPlan, PublishSummary};
 use futures_lite::future;
+use oncely::amqp::ConfirmPublisher;
 use oncely::lapin::options::{BasicAckOptions, BasicGetOptions};
 use oncely::lapin::types::AMQPValue;
 use oncely::lapin::{BasicProperties, Connection};
 use oncely::testing::{TestSchema, unique_name};
 use oncely::{
-    AmqpError, ConfirmPublisher, Consumer, ConsumerBuilder, ConsumerHandle, Handler, Inbox,
-    OutgoingMessage, Pool, PoolOptions, StatsSnapshot, Topology,
+    AmqpError, Consumer, ConsumerBuilder, ConsumerHandle, Handler, Inbox, OutgoingMessage, Pool,
+    PoolOptions, StatsSnapshot, Topology,
 };
 use std::future::Future;
 use std::sync::Arc;
@@ -170,7 +171,7 @@ impl Harness {
                 .retry_tiers(tiers),
         );
         let connection = Arc::new(
-            oncely::connect(url, &format!("{name}-harness"), Default::default())
+            oncely::amqp::connect(url, &format!("{name}-harness"), Default::default())
                 .await
                 .expect("connect to RabbitMQ"),
         );
@@ -380,7 +381,7 @@ impl Harness {
 
     /// (messages ready, consumers) of `queue`.
     pub async fn queue_counts(&self, queue: &str) -> (u32, u32) {
-        let depth = oncely::queue_depth(&self.connection, queue)
+        let depth = oncely::amqp::queue_depth(&self.connection, queue)
             .await
             .expect("queue exists");
         (depth.messages, depth.consumers)
@@ -406,7 +407,7 @@ impl Harness {
                 body: delivery.data.clone(),
             });
         }
-        oncely::close_channel(&channel, 200, "done").await;
+        oncely::amqp::close_channel(&channel, 200, "done").await;
         out
     }
 
@@ -486,18 +487,18 @@ impl Drop for Harness {
         let url = self.amqp_url.clone();
         oncely::testing::block_on_thread(async move {
             // Any node of a cluster will do (the one the test used may be down).
-            let once = oncely::Backoff {
+            let once = oncely::amqp::Backoff {
                 max_attempts: Some(1),
-                ..oncely::Backoff::default()
+                ..oncely::amqp::Backoff::default()
             };
-            let Ok(conn) = oncely::connect(&url, "cleanup", once).await else {
+            let Ok(conn) = oncely::amqp::connect(&url, "cleanup", once).await else {
                 return;
             };
             // Topologies of one harness may share the exchange: a second deletion is a no-op.
             for t in &topologies {
                 let _ = t.delete(&conn).await;
             }
-            oncely::close_connection(&conn, 200, "cleanup").await;
+            oncely::amqp::close_connection(&conn, 200, "cleanup").await;
         });
     }
 }

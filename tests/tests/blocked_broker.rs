@@ -83,7 +83,7 @@ async fn blocked_broker_gives_a_confirm_timeout_within_the_bound_and_no_hang() {
         &amqp_url(),
         oncely::outbox::RelayOptions {
             poll_interval: Duration::from_millis(100),
-            retry_backoff: oncely::Backoff {
+            retry_backoff: oncely::amqp::Backoff {
                 initial: Duration::from_millis(50),
                 max: Duration::from_millis(200),
                 max_attempts: None,

@@ -3,16 +3,14 @@
 //! reads only the series of its own queue, exchange or relay (unique names).
 
 use billing::{OrderCreated, create_invoice, order};
+use oncely::amqp::ConfirmPublisher;
 use oncely::lapin::BasicProperties;
 use oncely::lapin::options::QueueDeclareOptions;
 use oncely::lapin::types::{AMQPValue, FieldTable, LongString};
 use oncely::metric_names as m;
 use oncely::observability::{Observability, install_recorder};
 use oncely::outbox::{NewOutboxMessage, RelayOptions};
-use oncely::{
-    AmqpError, AsyncPgConnection, ConfirmPublisher, Envelope, HandlerError, OutgoingMessage,
-    RetryPolicy,
-};
+use oncely::{AmqpError, AsyncPgConnection, Envelope, HandlerError, OutgoingMessage, RetryPolicy};
 use oncely_e2e::{Harness, http_get, metric_value as value, wait_until};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -384,7 +382,7 @@ async fn publisher_counts_confirms_returns_nacks_and_timeouts() {
         .queue_delete(full.as_str().into(), Default::default())
         .await
         .expect("delete full queue");
-    oncely::close_channel(&channel, 200, "done").await;
+    oncely::amqp::close_channel(&channel, 200, "done").await;
 
     // No confirm can arrive within a microsecond.
     let hasty = ConfirmPublisher::new(h.connection.clone(), Duration::from_micros(1));

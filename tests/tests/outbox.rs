@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 fn fast() -> RelayOptions {
     RelayOptions {
         poll_interval: Duration::from_millis(100),
-        retry_backoff: oncely::Backoff {
+        retry_backoff: oncely::amqp::Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(200),
             max_attempts: None,

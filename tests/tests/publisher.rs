@@ -250,7 +250,7 @@ async fn concurrent_publishes_each_get_their_own_result_when_some_are_unroutable
     // would tell an unroutable publish it was routed (and the consumer would ack an original
     // whose dead-letter copy went nowhere). Each publish must see its own outcome.
     let h = Harness::new(&[]).await;
-    let publisher = std::sync::Arc::new(oncely::ConfirmPublisher::new(
+    let publisher = std::sync::Arc::new(oncely::amqp::ConfirmPublisher::new(
         h.connection.clone(),
         Duration::from_secs(5),
     ));

@@ -78,7 +78,7 @@ async fn quorum_topology_on_rabbitmq4_dead_letters_at_least_once_and_never_drops
     assert_eq!(
         q["x-delivery-limit"],
         serde_json::Value::from(
-            oncely::DEFAULT_DELIVERY_LIMIT + oncely::BROKER_DELIVERY_LIMIT_MARGIN
+            oncely::amqp::DEFAULT_DELIVERY_LIMIT + oncely::amqp::BROKER_DELIVERY_LIMIT_MARGIN
         ),
         "an explicit limit, not the broker's silent default of 20"
     );
@@ -97,7 +97,7 @@ async fn quorum_topology_on_rabbitmq4_dead_letters_at_least_once_and_never_drops
         assert_eq!(a["x-queue-type"], text("quorum"));
         assert_eq!(
             a["x-delivery-limit"],
-            serde_json::Value::from(oncely::NO_DELIVERY_LIMIT),
+            serde_json::Value::from(oncely::amqp::NO_DELIVERY_LIMIT),
             "{name} never drops"
         );
     }
@@ -187,13 +187,13 @@ async fn a_message_that_keeps_crashing_the_consumer_reaches_the_dlq_with_oncelys
             .await
             .expect("stream open")
             .expect("delivery");
-        let count = oncely::read_delivery_count(&delivery.properties);
+        let count = oncely::amqp::read_delivery_count(&delivery.properties);
         assert_eq!(
             count,
             (crash > 0).then_some(u64::from(crash)),
             "the broker counts every crash"
         );
-        oncely::close_channel(&channel, 200, "simulated crash").await;
+        oncely::amqp::close_channel(&channel, 200, "simulated crash").await;
     }
 
     // The next delivery carries x-delivery-count = LIMIT: oncely dead-letters it, with its
@@ -480,7 +480,7 @@ async fn consumers_given_every_node_survive_losing_their_node_and_the_queue_lead
         bring_back(restart).await;
         // The harness's own connection may have been on the stopped node.
         let connection = Arc::new(
-            oncely::connect(
+            oncely::amqp::connect(
                 &h.amqp_url,
                 &format!("{}-harness", h.name),
                 Default::default(),
@@ -488,7 +488,8 @@ async fn consumers_given_every_node_survive_losing_their_node_and_the_queue_lead
             .await
             .expect("reconnect the harness"),
         );
-        h.publisher = oncely::ConfirmPublisher::new(connection.clone(), Duration::from_secs(5));
+        h.publisher =
+            oncely::amqp::ConfirmPublisher::new(connection.clone(), Duration::from_secs(5));
         h.connection = connection;
     }
     producer.close().await;

@@ -1,10 +1,11 @@
 //! `oncely dlq list` and `oncely dlq replay`.
 
 use anyhow::Context;
+use oncely::amqp::ConfirmPublisher;
 use oncely::lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use oncely::lapin::types::{AMQPValue, FieldTable, LongString};
 use oncely::lapin::{BasicProperties, Connection};
-use oncely::{ConfirmPublisher, OutgoingMessage, headers};
+use oncely::{OutgoingMessage, headers};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,15 +33,15 @@ impl Source {
 }
 
 async fn open(amqp_url: &str) -> anyhow::Result<Connection> {
-    let single = oncely::Backoff {
+    let single = oncely::amqp::Backoff {
         max_attempts: Some(3),
-        ..oncely::Backoff::default()
+        ..oncely::amqp::Backoff::default()
     };
-    Ok(oncely::connect(amqp_url, "oncely-cli", single).await?)
+    Ok(oncely::amqp::connect(amqp_url, "oncely-cli", single).await?)
 }
 
 async fn count(connection: &Connection, queue: &str) -> anyhow::Result<u32> {
-    let depth = oncely::queue_depth(connection, queue)
+    let depth = oncely::amqp::queue_depth(connection, queue)
         .await
         .with_context(|| format!("queue {queue} does not exist"))?;
     Ok(depth.messages)
@@ -100,7 +101,7 @@ pub(crate) async fn list(
         };
         println!("  {}", describe(&message.delivery.properties));
     }
-    oncely::close_channel(&channel, 200, "listed").await;
+    oncely::amqp::close_channel(&channel, 200, "listed").await;
     crate::close(&connection).await;
     Ok(())
 }
@@ -185,7 +186,7 @@ pub(crate) async fn replay(
             tokio::time::sleep(pause).await;
         }
     }
-    oncely::close_channel(&channel, 200, "replayed").await;
+    oncely::amqp::close_channel(&channel, 200, "replayed").await;
     crate::close(&connection).await;
     if dry_run {
         println!("dry run: {wanted} of {total} messages in {source} would go back to {queue}");

@@ -174,9 +174,9 @@ enum OutboxCommand {
     Stats,
 }
 
-/// Closes an AMQP connection, bounded (see `oncely::close_connection`).
+/// Closes an AMQP connection, bounded (see `oncely::amqp::close_connection`).
 pub(crate) async fn close(connection: &oncely::lapin::Connection) {
-    oncely::close_connection(connection, 200, "done").await;
+    oncely::amqp::close_connection(connection, 200, "done").await;
 }
 
 /// A failure with its exit code.

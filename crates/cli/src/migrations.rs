@@ -8,7 +8,11 @@ use std::path::Path;
 fn tables(inbox: bool, outbox: bool) -> Vec<(&'static str, &'static str, &'static str)> {
     let mut out = Vec::new();
     if inbox {
-        out.push(("oncely_inbox", oncely::INBOX_SQL.0, oncely::INBOX_SQL.1));
+        out.push((
+            "oncely_inbox",
+            oncely::inbox::INBOX_SQL.0,
+            oncely::inbox::INBOX_SQL.1,
+        ));
     }
     if outbox {
         out.push((

@@ -15,11 +15,11 @@ fn selected<'c>(
 }
 
 async fn connect(config: &Config) -> anyhow::Result<oncely::lapin::Connection> {
-    let backoff = oncely::Backoff {
+    let backoff = oncely::amqp::Backoff {
         max_attempts: Some(3),
-        ..oncely::Backoff::default()
+        ..oncely::amqp::Backoff::default()
     };
-    Ok(oncely::connect(&config.connections.amqp_url, "oncely-cli", backoff).await?)
+    Ok(oncely::amqp::connect(&config.connections.amqp_url, "oncely-cli", backoff).await?)
 }
 
 pub(crate) async fn declare(path: &Path, consumer: Option<&str>) -> anyhow::Result<()> {

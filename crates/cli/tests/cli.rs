@@ -52,7 +52,7 @@ async fn generated_migrations_are_the_embedded_sql_written_once_and_apply_to_an_
     let up = std::fs::read_to_string(folders[0].join("up.sql")).expect("up.sql");
     assert_eq!(
         up,
-        oncely::INBOX_SQL.0,
+        oncely::inbox::INBOX_SQL.0,
         "one source: the SQL the crate embeds"
     );
     assert_eq!(

@@ -19,19 +19,15 @@ pub use diesel_async::AsyncPgConnection;
 #[cfg(feature = "failpoints")]
 pub use oncely_amqp::FaultInjection;
 pub use oncely_amqp::{
-    AmqpError, BROKER_DELIVERY_LIMIT_MARGIN, Backoff, ConfirmPublisher, ConsumerStats,
-    DEFAULT_DELIVERY_LIMIT, DelayQueue, NO_DELIVERY_LIMIT, OutgoingMessage, Publisher,
-    PublisherOptions, QueueType, StatsSnapshot, Topology, broker_urls, caused_by, close_channel,
-    close_connection, connect, current_cause, node_of, open_connection, read_delivery_count,
+    AmqpError, OutgoingMessage, Publisher, PublisherOptions, QueueType, StatsSnapshot, Topology,
 };
-pub use oncely_amqp::{QueueDepth, queue_depth};
 pub use oncely_core::{
     Classifier, ContractLimits, ContractViolation, Decision, DefaultClassifier, Envelope,
     ErrorKind, HandlerError, Metadata, Reason, RetryPolicy, headers, health, metric_names,
 };
 pub use oncely_inbox::{
-    INBOX_MIGRATIONS, INBOX_SQL, Inbox, InboxError, InboxRow, MigrationError, Outcome, Pool,
-    PoolOptions, connect_pool, run_migrations,
+    INBOX_MIGRATIONS, Inbox, InboxError, MigrationError, Outcome, Pool, PoolOptions, connect_pool,
+    run_migrations,
 };
 pub use oncely_macros::handler;
 
@@ -40,6 +36,19 @@ pub use oncely_outbox as outbox;
 
 /// The lapin version oncely is built on.
 pub use oncely_amqp::lapin;
+
+/// The RabbitMQ side beyond what a service author writes: connecting (`connect`, several hosts,
+/// `Backoff`), the confirmed publisher under `Publisher`, queue depths and topology deletion,
+/// delivery limits, the consumer runtime's parts and causation.
+pub mod amqp {
+    pub use oncely_amqp::*;
+}
+
+/// The inbox beyond [`Inbox`]: its rows and statuses as operators see them, its SQL for a
+/// service's own migrations.
+pub mod inbox {
+    pub use oncely_inbox::*;
+}
 
 /// What most users import.
 pub mod prelude {

@@ -1,28 +1,6 @@
 //! The service runner: one value that runs a service's consumers, outbox relays and background
 //! tasks together, with logging, metrics and health from the environment, and one graceful
 //! shutdown that drains them all.
-//!
-//! ```no_run
-//! # use oncely::prelude::*;
-//! # #[oncely::handler(consumer = "billing")]
-//! # async fn create_invoice(_c: &mut AsyncPgConnection, _m: Envelope<serde_json::Value>) -> Result<(), HandlerError> { Ok(()) }
-//! # async fn start() -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = oncely::connect_pool("postgres://postgres@127.0.0.1:5432/oncely", &oncely::PoolOptions::default());
-//! let billing = Consumer::builder(create_invoice, Inbox::new(pool.clone()))
-//!     .amqp_url("amqp://guest:guest@127.0.0.1:5672/%2f")
-//!     .topology(Topology::new("order.events", "billing.order-events.q").bind("order.created.v1"))
-//!     .build()?;
-//! oncely::Service::new("billing")
-//!     .database(pool)
-//!     .consumer(billing)
-//!     .task("nightly-report", |stop| async move {
-//!         stop.cancelled().await; // a background task ends when the service stops
-//!         Ok::<(), std::io::Error>(())
-//!     })
-//!     .run()
-//!     .await?;
-//! # Ok(()) }
-//! ```
 
 use crate::consumer::Consumer;
 use oncely_inbox::Pool;
@@ -44,6 +22,28 @@ pub struct ServiceError {
 
 /// A service's consumers, relays and tasks, run together, with logging, metrics and health
 /// from the environment, and one graceful shutdown that drains them all.
+///
+/// ```no_run
+/// # use oncely::prelude::*;
+/// # #[oncely::handler(consumer = "billing")]
+/// # async fn create_invoice(_c: &mut AsyncPgConnection, _m: Envelope<serde_json::Value>) -> Result<(), HandlerError> { Ok(()) }
+/// # async fn start() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = oncely::connect_pool("postgres://postgres@127.0.0.1:5432/oncely", &oncely::PoolOptions::default());
+/// let billing = Consumer::builder(create_invoice, Inbox::new(pool.clone()))
+///     .amqp_url("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .topology(Topology::new("order.events", "billing.order-events.q").bind("order.created.v1"))
+///     .build()?;
+/// oncely::Service::new("billing")
+///     .database(pool)
+///     .consumer(billing)
+///     .task("nightly-report", |stop| async move {
+///         stop.cancelled().await; // a background task ends when the service stops
+///         Ok::<(), std::io::Error>(())
+///     })
+///     .run()
+///     .await?;
+/// # Ok(()) }
+/// ```
 pub struct Service {
     name: String,
     components: Vec<(String, Component)>,

@@ -5,10 +5,11 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use oncely::OutgoingMessage;
+use oncely::amqp::ConfirmPublisher;
 use oncely::lapin::BasicProperties;
 use oncely::lapin::types::{AMQPValue, FieldTable};
 use oncely::prelude::*;
-use oncely::{ConfirmPublisher, OutgoingMessage};
 pub use oncely_example_messages::{ORDER_CREATED_V1, ORDER_EVENTS_EXCHANGE, OrderCreated};
 
 mod publish;

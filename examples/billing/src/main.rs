@@ -9,7 +9,8 @@
 use anyhow::Context;
 use billing::{PublishPlan, create_invoice};
 use clap::{Parser, Subcommand};
-use oncely::{ConfirmPublisher, Consumer, Inbox, PoolOptions, StatsSnapshot};
+use oncely::amqp::ConfirmPublisher;
+use oncely::{Consumer, Inbox, PoolOptions, StatsSnapshot};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -185,7 +186,8 @@ async fn publish(
     prefix: &str,
     batch: &Batch,
 ) -> anyhow::Result<billing::PublishSummary> {
-    let connection = oncely::connect(amqp_url, "billing-publisher", Default::default()).await?;
+    let connection =
+        oncely::amqp::connect(amqp_url, "billing-publisher", Default::default()).await?;
     let connection = Arc::new(connection);
     // Declare first, so nothing published before the first consumer start is unroutable.
     billing::topology().declare(&connection).await?;

@@ -2,7 +2,7 @@
 //! and the benchmark.
 
 use crate::{OrderCreated, order_properties, publish_order};
-use oncely::ConfirmPublisher;
+use oncely::amqp::ConfirmPublisher;
 use oncely::lapin::BasicProperties;
 use oncely::lapin::types::{AMQPValue, FieldTable};
 use rand::{Rng, SeedableRng};

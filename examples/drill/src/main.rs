@@ -1118,7 +1118,7 @@ impl Broker {
         let c = Arc::new(
             tokio::time::timeout(
                 Duration::from_secs(10),
-                oncely::connect(&self.url, &self.name, Default::default()),
+                oncely::amqp::connect(&self.url, &self.name, Default::default()),
             )
             .await
             .context("connecting to RabbitMQ")??,
@@ -1196,7 +1196,7 @@ impl Broker {
             copies += 1;
             keys.insert(key);
         }
-        oncely::close_channel(&channel, 200, "read").await;
+        oncely::amqp::close_channel(&channel, 200, "read").await;
         contents.copies = copies;
         contents.distinct = keys.len() as u32;
         contents.others = others;
@@ -1215,7 +1215,7 @@ impl Broker {
 
     async fn close(&self) {
         if let Some(c) = self.connection.lock().await.take() {
-            oncely::close_connection(&c, 200, "drill done").await;
+            oncely::amqp::close_connection(&c, 200, "drill done").await;
         }
     }
 }
@@ -1224,7 +1224,7 @@ async fn queue_len(connection: &Connection, queue: &str) -> Option<u32> {
     // The monitor samples every second: a broker slower than this skips a sample.
     tokio::time::timeout(
         Duration::from_secs(5),
-        oncely::queue_depth(connection, queue),
+        oncely::amqp::queue_depth(connection, queue),
     )
     .await
     .ok()?

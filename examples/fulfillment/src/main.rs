@@ -119,8 +119,6 @@ async fn main() -> anyhow::Result<()> {
                 .context("running migrations")?;
             let client = client(&api)?;
             let inbox = oncely::connect_pool(database_url, &PoolOptions::default());
-            // /metrics and /health when METRICS_ADDR is set.
-            let _observability = oncely::observability::serve_from_env(&inbox).await?;
             let operations = oncely::connect_pool(
                 database_url,
                 &PoolOptions {
@@ -133,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
                 .services
                 .batching(Consumer::builder(
                     ReserveStock::new(operations.clone(), client.clone()),
-                    Inbox::new(inbox),
+                    Inbox::new(inbox.clone()),
                 ))
                 .amqp_url(&cli.services.amqp_url)
                 .connection_name(connection_name)
@@ -141,23 +139,27 @@ async fn main() -> anyhow::Result<()> {
                 .retry_policy(policy)
                 .concurrency(concurrency)
                 .build()?;
+            let stats = consumer.stats_handle();
             cli.services
-                .print_stats(fulfillment::CONSUMER, consumer.stats_handle());
-            let (stop_reconciler, stopped) = tokio::sync::oneshot::channel::<()>();
-            let reconciler = tokio::spawn(fulfillment::reconcile_loop(
-                operations,
-                client,
+                .print_stats(fulfillment::CONSUMER, stats.clone());
+            let (every, settle_after) = (
                 Duration::from_millis(reconcile_every_ms),
                 Duration::from_millis(settle_after_ms),
-                async {
-                    let _ = stopped.await;
-                },
-            ));
-            let result = consumer.run(oncely::shutdown_signal()).await;
-            let _ = stop_reconciler.send(());
-            let _ = reconciler.await;
-            result?;
-            let s = consumer.stats();
+            );
+            // The consumer and the reconciler, with /metrics and /health when METRICS_ADDR is
+            // set, and one graceful shutdown on Ctrl-C / SIGTERM.
+            oncely::Service::new(fulfillment::CONSUMER)
+                .database(inbox)
+                .consumer(consumer)
+                .task("reconciler", move |stop| async move {
+                    let stopped = stop.cancelled_owned();
+                    fulfillment::reconcile_loop(operations, client, every, settle_after, stopped)
+                        .await;
+                    Ok::<(), std::convert::Infallible>(())
+                })
+                .run()
+                .await?;
+            let s = stats.snapshot();
             println!(
                 "fulfillment stopped: reserved {} orders, {} duplicates skipped, {} retries",
                 s.processed, s.duplicates, s.retried

@@ -104,7 +104,7 @@ impl Services {
     }
 
     /// Starts printing `stats` every `--stats-every-ms`, when it is set.
-    pub fn print_stats(&self, consumer: &str, stats: Arc<oncely::ConsumerStats>) {
+    pub fn print_stats(&self, consumer: &str, stats: Arc<oncely::amqp::ConsumerStats>) {
         if self.stats_every_ms == 0 {
             return;
         }

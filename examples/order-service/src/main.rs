@@ -109,7 +109,7 @@ async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
 /// routable as soon as a consumer binds a queue.
 async fn declare_exchange(cli: &Cli) -> anyhow::Result<()> {
     use oncely::lapin::options::ExchangeDeclareOptions;
-    let connection = oncely::connect(
+    let connection = oncely::amqp::connect(
         &cli.services.amqp_url,
         "order-service-setup",
         Default::default(),
