@@ -44,7 +44,8 @@ pub(super) async fn handle_delivery(
             Ok(mut metadata) => {
                 record_metadata(&tracing::Span::current(), &metadata);
                 let decision = process(&shared, &metadata, &delivery.data).await;
-                let mut decision = hold(&shared, &metadata, &delivery.data, decision).await;
+                let mut decision =
+                    hold(&shared, &session, &metadata, &delivery.data, decision).await;
                 // Strict order: retry on this very delivery, so no later message overtakes it.
                 while options.retry_in_place
                     && let Decision::Retry {
@@ -62,7 +63,7 @@ pub(super) async fn handle_delivery(
                     metadata.attempt = next_attempt;
                     tracing::Span::current().record("attempt", metadata.attempt);
                     let retried = process(&shared, &metadata, &delivery.data).await;
-                    decision = hold(&shared, &metadata, &delivery.data, retried).await;
+                    decision = hold(&shared, &session, &metadata, &delivery.data, retried).await;
                 }
                 if crashes_after_commit(&shared, &session, &decision, &metadata).await {
                     return;
@@ -78,7 +79,7 @@ pub(super) async fn handle_delivery(
             // Fault suite: the process dies after the commit, before the ack.
             fail::fail_point!("oncely::after_commit", |_| std::process::abort());
         }
-        settle(&shared, &session.publisher, &delivery, outcome, Some(permit)).await;
+        settle(&shared, &session, &delivery, outcome, Some(permit)).await;
     }
     .instrument(span)
     .await
@@ -183,7 +184,7 @@ pub(super) async fn handle_batch(
             }
         }
     }
-    hold_batch(&shared, &mut slots).await;
+    hold_batch(&shared, &session, &mut slots).await;
     for slot in &slots {
         if let (Some(metadata), Some(outcome)) = (&slot.metadata, &slot.outcome)
             && crashes_after_commit(&shared, &session, &outcome.decision, metadata).await
@@ -210,7 +211,7 @@ pub(super) async fn handle_batch(
             occurred_at: None,
         });
         let (shared, session) = (&shared, &session);
-        async move { settle(shared, &session.publisher, &slot.delivery, outcome, None).await }
+        async move { settle(shared, session, &slot.delivery, outcome, None).await }
             .instrument(slot.span)
     });
     futures_util::future::join_all(settles).await;
@@ -223,7 +224,13 @@ pub(super) async fn handle_batch(
 /// succeeds, shutdown begins, or [`max_hold`](super::ConsumerOptions::max_hold) passes. Nothing
 /// is handed back to the broker in a loop: a quorum queue counts every return toward its
 /// delivery limit.
-async fn hold(shared: &Shared, metadata: &Metadata, body: &[u8], decision: Decision) -> Decision {
+async fn hold(
+    shared: &Shared,
+    session: &Session,
+    metadata: &Metadata,
+    body: &[u8],
+    decision: Decision,
+) -> Decision {
     if !matches!(decision, Decision::Requeue { .. }) {
         return decision;
     }
@@ -232,7 +239,7 @@ async fn hold(shared: &Shared, metadata: &Metadata, body: &[u8], decision: Decis
     let mut decision = decision;
     let mut retry = 0;
     while let Decision::Requeue { reason } = &decision {
-        if !shared.may_hold(since) {
+        if !shared.may_hold(since) || !session.is_open() {
             break;
         }
         let delay = shared.hold_delay(retry);
@@ -249,7 +256,7 @@ async fn hold(shared: &Shared, metadata: &Metadata, body: &[u8], decision: Decis
 
 /// [`hold`] for the deliveries of a batch that came to a requeue: they are processed again
 /// together, with backoff, the rest of the batch waiting with them.
-async fn hold_batch(shared: &Shared, slots: &mut [Slot]) {
+async fn hold_batch(shared: &Shared, session: &Session, slots: &mut [Slot]) {
     let held = |slots: &[Slot]| -> Vec<usize> {
         slots
             .iter()
@@ -276,7 +283,7 @@ async fn hold_batch(shared: &Shared, slots: &mut [Slot]) {
     }
     let since = Instant::now();
     let mut retry = 0;
-    while !waiting.is_empty() && shared.may_hold(since) {
+    while !waiting.is_empty() && shared.may_hold(since) && session.is_open() {
         let delay = shared.hold_delay(retry);
         tracing::warn!(
             held = waiting.len(),

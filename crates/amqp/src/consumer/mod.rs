@@ -407,6 +407,15 @@ struct Session {
     publisher: ConfirmPublisher,
 }
 
+impl Session {
+    /// Whether its deliveries can still be settled. Once the channel is gone the broker has
+    /// given them back already: holding one any longer only keeps a concurrency slot from the
+    /// next session.
+    fn is_open(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
 impl ConsumerRuntime {
     /// A runtime for `processor` with `options`.
     pub fn new(options: ConsumerOptions, processor: Arc<dyn DeliveryProcessor>) -> Self {

@@ -5,7 +5,7 @@
 //! in another crate, so the compiler cannot warn here when one is added) is planned as a requeue,
 //! never an ack.
 
-use super::Shared;
+use super::{Session, Shared};
 use crate::properties::{CopyHeaders, copy_properties};
 use crate::publisher::OutgoingMessage;
 use crate::stats::ConsumerStats;
@@ -148,7 +148,7 @@ pub(crate) struct Outcome {
 /// before a requeue's pause.
 pub(crate) async fn settle(
     shared: &Shared,
-    publisher: &crate::publisher::ConfirmPublisher,
+    session: &Session,
     delivery: &Delivery,
     outcome: Outcome,
     permit: Option<OwnedSemaphorePermit>,
@@ -159,7 +159,7 @@ pub(crate) async fn settle(
     match plan(&outcome.decision, topology, outcome.attempt) {
         Settlement::Requeue { reason } => {
             tracing::warn!(code = %reason.code, reason = %reason.message, "not the message's fault, and held as long as allowed: giving it back");
-            give_back(shared, publisher, delivery, permit).await;
+            give_back(shared, session, delivery, permit).await;
             return;
         }
         Settlement::Ack(acked) => count_ack(shared, acked, outcome.occurred_at),
@@ -185,7 +185,8 @@ pub(crate) async fn settle(
             let since = std::time::Instant::now();
             let mut retry = 0;
             loop {
-                let published = publisher
+                let published = session
+                    .publisher
                     .publish(OutgoingMessage {
                         exchange: "",
                         routing_key: &copy.queue,
@@ -194,6 +195,10 @@ pub(crate) async fn settle(
                     })
                     .await;
                 let Err(e) = published else { break };
+                if !session.is_open() {
+                    tracing::warn!(error = %e, to = %copy.queue, "could not publish the copy and the channel is gone; the broker redelivers the message");
+                    return;
+                }
                 if retry == 0 {
                     ConsumerStats::bump(&shared.stats.held);
                 }
@@ -268,13 +273,18 @@ fn count_copy(shared: &Shared, copy: &Copy) {
 /// at shutdown, or when the republish fails, nacked with requeue, which keeps its place.
 async fn give_back(
     shared: &Shared,
-    publisher: &crate::publisher::ConfirmPublisher,
+    session: &Session,
     delivery: &Delivery,
     permit: Option<OwnedSemaphorePermit>,
 ) {
     drop(permit);
+    if !session.is_open() {
+        tracing::warn!("the channel is gone; the broker redelivers the message");
+        return;
+    }
     if !shared.options.retry_in_place && !shared.stopping.is_cancelled() {
-        let republished = publisher
+        let republished = session
+            .publisher
             .publish(OutgoingMessage {
                 exchange: "",
                 routing_key: shared.options.topology.queue(),
