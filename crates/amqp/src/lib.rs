@@ -36,7 +36,9 @@ pub use consumer::{
     DeliveryProcessor, InvalidOption, LOCAL_AMQP_URL,
 };
 pub use error::{AmqpError, Result};
-pub use properties::{raw_metadata, read_attempt, read_delivery_count};
+pub use properties::{
+    headers_without_delivery_count, raw_metadata, read_attempt, read_delivery_count,
+};
 pub use publisher::{ConfirmPublisher, DelayQueue, OutgoingMessage, Publisher, PublisherOptions};
 pub use reconnect::ReconnectBackoff;
 pub use stats::{ConsumerStats, StatsSnapshot};

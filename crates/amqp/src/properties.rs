@@ -143,7 +143,7 @@ pub(crate) struct CopyHeaders<'a> {
 /// The original's headers without the broker's `x-delivery-count`: that count belongs to the
 /// original's life in its queue, and a copy that kept it would come back (from a delay queue, a
 /// DLQ replay, a republish of a held message) already at oncely's delivery limit.
-fn headers_for_a_copy(original: &BasicProperties) -> FieldTable {
+pub fn headers_without_delivery_count(original: &BasicProperties) -> FieldTable {
     let mut table = FieldTable::default();
     for (name, value) in original.headers().iter().flat_map(|t| t.inner()) {
         if name.as_str() != DELIVERY_COUNT {
@@ -156,12 +156,14 @@ fn headers_for_a_copy(original: &BasicProperties) -> FieldTable {
 /// The original's properties unchanged but for the broker's delivery count: a held message
 /// republished to its queue's tail is the same message, starting its count afresh.
 pub(crate) fn republish_properties(original: &BasicProperties) -> BasicProperties {
-    original.clone().with_headers(headers_for_a_copy(original))
+    original
+        .clone()
+        .with_headers(headers_without_delivery_count(original))
 }
 
 /// The original's properties (same message id and everything else) with oncely's headers.
 pub(crate) fn copy_properties(original: &BasicProperties, h: CopyHeaders<'_>) -> BasicProperties {
-    let mut table = headers_for_a_copy(original);
+    let mut table = headers_without_delivery_count(original);
     let long = |s: &str| AMQPValue::LongString(LongString::from(s));
     table.insert(
         headers::ATTEMPT.into(),

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use oncely::amqp::ConfirmPublisher;
 use oncely::lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-use oncely::lapin::types::{AMQPValue, FieldTable, LongString};
+use oncely::lapin::types::{AMQPValue, LongString};
 use oncely::lapin::{BasicProperties, Connection};
 use oncely::{OutgoingMessage, headers};
 use std::sync::Arc;
@@ -110,12 +110,7 @@ pub(crate) async fn list(
 /// `x-delivery-count` stays behind: a replayed message starts a new life in its queue, not at
 /// the delivery limit it was dead-lettered for.
 fn replayed(properties: &BasicProperties) -> BasicProperties {
-    let mut table = FieldTable::default();
-    for (name, value) in properties.headers().iter().flat_map(|t| t.inner()) {
-        if name.as_str() != "x-delivery-count" {
-            table.insert(name.clone(), value.clone());
-        }
-    }
+    let mut table = oncely::amqp::headers_without_delivery_count(properties);
     let count = match table.inner().get(REPLAY_COUNT) {
         Some(AMQPValue::LongLongInt(n)) => n + 1,
         _ => 1,
