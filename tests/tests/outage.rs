@@ -68,6 +68,7 @@ async fn outage_spends_no_delivery(url: &str) {
         during.received, 2,
         "intake paused: only the deliveries held in the two slots were taken"
     );
+    assert_eq!(during.in_flight, 2, "the held deliveries are in hand");
     gate.open();
     wait_until("10 invoices", Duration::from_secs(60), || async {
         h.invoices().await == 10
@@ -78,6 +79,10 @@ async fn outage_spends_no_delivery(url: &str) {
         (after.processed, after.dead_lettered, after.requeued),
         (10, 0, 0)
     );
+    wait_until("nothing in hand", Duration::from_secs(10), || async {
+        running.stats().in_flight == 0
+    })
+    .await;
     running.stop().await.expect("stop");
     assert_eq!(h.queue_len(topology.queue()).await, 0);
     assert_eq!(

@@ -13,6 +13,7 @@ pub struct ConsumerStats {
     pub(crate) parked: AtomicU64,
     pub(crate) requeued: AtomicU64,
     pub(crate) held: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
     pub(crate) ack_failures: AtomicU64,
     pub(crate) reconnects: AtomicU64,
 }
@@ -38,6 +39,9 @@ pub struct StatsSnapshot {
     /// Deliveries held through an infrastructure failure: kept unacked with their concurrency
     /// slot and processed again with backoff, without spending a delivery.
     pub held: u64,
+    /// Deliveries taken and not settled yet, held ones included (a gauge, not a counter):
+    /// zero when the consumer has nothing in hand.
+    pub in_flight: u64,
     /// Acks that could not be sent (channel gone); the broker redelivers those.
     pub ack_failures: u64,
     /// Times the runtime reconnected after losing its connection.
@@ -64,6 +68,7 @@ impl ConsumerStats {
             parked: r(&self.parked),
             requeued: r(&self.requeued),
             held: r(&self.held),
+            in_flight: r(&self.in_flight),
             ack_failures: r(&self.ack_failures),
             reconnects: r(&self.reconnects),
         }

@@ -4,8 +4,11 @@
 //! `observability` module does); handles are taken when a runtime starts, so install it first.
 
 use crate::error::AmqpError;
+use crate::stats::ConsumerStats;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use oncely_core::metric_names as m;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// The `exchange` label of an exchange name (`amq.default` for the default exchange).
@@ -71,19 +74,21 @@ impl ConsumerMetrics {
     }
 }
 
-/// Raises the in-flight gauge for as long as it lives.
-pub(crate) struct InFlight(Gauge);
+/// Raises the in-flight gauge, and the consumer's `in_flight` count, for as long as it lives.
+pub(crate) struct InFlight(Gauge, Arc<ConsumerStats>);
 
 impl InFlight {
-    pub fn new(gauge: &Gauge) -> Self {
+    pub fn new(gauge: &Gauge, stats: &Arc<ConsumerStats>) -> Self {
         gauge.increment(1.0);
-        InFlight(gauge.clone())
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(gauge.clone(), stats.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+        self.1.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -205,6 +205,17 @@ impl Fleet {
         }
     }
 
+    /// Deliveries the running consumers have in hand (held ones included), from the last line
+    /// each running incarnation printed: those settle, or go back to the queue, later.
+    pub fn in_flight(&self) -> u64 {
+        let current = lock(&self.incarnations).clone();
+        lock(&self.stats)
+            .iter()
+            .filter(|((role, incarnation), _)| current.get(role) == Some(incarnation))
+            .map(|(_, s)| s.in_flight)
+            .sum()
+    }
+
     /// The consumers' counters summed over every incarnation (the last line each printed;
     /// an incarnation SIGKILLed loses at most the last interval's counts).
     pub fn consumer_totals(&self) -> HashMap<Role, StatsSnapshot> {

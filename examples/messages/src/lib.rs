@@ -123,7 +123,7 @@ impl Services {
 pub fn stats_line(consumer: &str, s: &oncely::StatsSnapshot) -> String {
     format!(
         "oncely-stats consumer={consumer} received={} processed={} duplicates={} retried={} \
-         dead_lettered={} parked={} requeued={} held={} reconnects={}",
+         dead_lettered={} parked={} requeued={} held={} in_flight={} reconnects={}",
         s.received,
         s.processed,
         s.duplicates,
@@ -132,6 +132,7 @@ pub fn stats_line(consumer: &str, s: &oncely::StatsSnapshot) -> String {
         s.parked,
         s.requeued,
         s.held,
+        s.in_flight,
         s.reconnects
     )
 }
@@ -157,6 +158,7 @@ pub fn parse_stats_line(line: &str) -> Option<(String, oncely::StatsSnapshot)> {
             "parked" => s.parked = n,
             "requeued" => s.requeued = n,
             "held" => s.held = n,
+            "in_flight" => s.in_flight = n,
             "reconnects" => s.reconnects = n,
             _ => {}
         }
@@ -263,6 +265,7 @@ mod tests {
             parked: 0,
             requeued: 3,
             held: 4,
+            in_flight: 2,
             ack_failures: 0,
             reconnects: 1,
         };

@@ -31,7 +31,7 @@ pub(super) async fn handle_delivery(
     async move {
         let options = &shared.options;
         let metrics = shared.metrics();
-        let _in_flight = InFlight::new(&metrics.in_flight);
+        let _in_flight = InFlight::new(&metrics.in_flight, &shared.stats);
         count_received(&shared, &delivery);
         let outcome = match Metadata::from_raw(raw, &options.limits) {
             Err(violation) => Outcome {
@@ -106,7 +106,7 @@ pub(super) async fn handle_batch(
     let metrics = shared.metrics();
     let _in_flight: Vec<InFlight> = deliveries
         .iter()
-        .map(|_| InFlight::new(&metrics.in_flight))
+        .map(|_| InFlight::new(&metrics.in_flight, &shared.stats))
         .collect();
     let mut slots: Vec<Slot> = deliveries
         .into_iter()

@@ -158,7 +158,9 @@ pub(crate) async fn settle(
     let topology = &shared.options.topology;
     match plan(&outcome.decision, topology, outcome.attempt) {
         Settlement::Requeue { reason } => {
-            tracing::warn!(code = %reason.code, reason = %reason.message, "not the message's fault, and held as long as allowed: giving it back");
+            if session.is_open() {
+                tracing::warn!(code = %reason.code, reason = %reason.message, "not the message's fault, and held as long as allowed: giving it back");
+            }
             give_back(shared, session, delivery, permit).await;
             return;
         }
