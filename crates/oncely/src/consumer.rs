@@ -112,8 +112,9 @@ impl Consumer {
         self.runtime.stats().snapshot()
     }
 
-    /// Shared handle on the live counters, readable from another task while `run` goes on.
-    pub fn stats_handle(&self) -> Arc<oncely_amqp::ConsumerStats> {
+    /// The counters themselves, shared: another task reads them (`.snapshot()`) while `run`
+    /// goes on. [`stats`](Self::stats) is the one-off copy.
+    pub fn live_stats(&self) -> Arc<oncely_amqp::ConsumerStats> {
         self.runtime.stats()
     }
 
@@ -175,6 +176,19 @@ pub enum BuildError {
     /// A setting the runtime cannot run with (the same rules as the configuration file's).
     #[error("invalid consumer setting {0}")]
     Invalid(#[from] InvalidOption),
+    /// Every delivery in hand (every batch, in batched mode) holds a database connection while
+    /// it runs: a pool smaller than the concurrency would leave deliveries waiting for a
+    /// connection until they time out as infrastructure failures.
+    #[error(
+        "the database pool holds at most {pool} connections, fewer than the consumer's concurrency {concurrency}: \
+         raise the pool's max_size (shared by every consumer and relay of the service) or lower the concurrency"
+    )]
+    PoolTooSmall {
+        /// The pool's `max_size`.
+        pool: u32,
+        /// The consumer's concurrency.
+        concurrency: usize,
+    },
 }
 
 /// Builder of a [`Consumer`].
@@ -423,6 +437,13 @@ impl<H: Handler> ConsumerBuilder<H> {
             options.shutdown_timeout = v;
         }
         options.validate()?;
+        let pool = self.inbox.pool().config().max_size;
+        if (pool as usize) < options.concurrency {
+            return Err(BuildError::PoolTooSmall {
+                pool,
+                concurrency: options.concurrency,
+            });
+        }
         let processor = InboxProcessor::new(
             self.handler,
             self.inbox,

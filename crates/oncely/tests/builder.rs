@@ -70,3 +70,25 @@ async fn settings_the_runtime_cannot_use_are_refused_not_clamped() {
         .build()
         .expect("batched mode with its own prefetch");
 }
+
+#[tokio::test]
+async fn a_pool_smaller_than_the_concurrency_is_refused() {
+    let small = oncely::connect_pool(
+        "postgres://postgres@127.0.0.1:5432/oncely",
+        &PoolOptions {
+            max_size: 4,
+            ..PoolOptions::default()
+        },
+    );
+    let b = || Consumer::builder(ping, Inbox::new(small.clone())).local_broker();
+    assert_eq!(
+        b().concurrency(8).build().err(),
+        Some(BuildError::PoolTooSmall {
+            pool: 4,
+            concurrency: 8
+        })
+    );
+    b().concurrency(4)
+        .build()
+        .expect("a pool as large as the concurrency");
+}

@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
                 .connection_name(&cli.connection_name)
                 .topology(audit::topology(&cli.exchange, &cli.queue))
                 .build()?;
-            let stats = consumer.stats_handle();
+            let stats = consumer.live_stats();
             cli.services.print_stats(audit::CONSUMER, stats.clone());
             oncely::Service::new(audit::CONSUMER)
                 .database(pool)

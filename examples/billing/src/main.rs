@@ -124,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
                     (consumer, pool)
                 }
             };
-            let stats = consumer.stats_handle();
+            let stats = consumer.live_stats();
             cli.services.print_stats(billing::CONSUMER, stats.clone());
             // Metrics and health from METRICS_ADDR, one graceful shutdown on Ctrl-C / SIGTERM.
             oncely::Service::new(billing::CONSUMER)

@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
                 .retry_policy(policy)
                 .concurrency(concurrency)
                 .build()?;
-            let stats = consumer.stats_handle();
+            let stats = consumer.live_stats();
             cli.services
                 .print_stats(fulfillment::CONSUMER, stats.clone());
             let (every, settle_after) = (
