@@ -109,8 +109,9 @@ async fn main() -> anyhow::Result<()> {
                     (consumer, pool)
                 }
                 None => {
-                    let topology =
-                        oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1);
+                    let topology = cli.services.queues(
+                        oncely::Topology::new(exchange, queue).bind(billing::ORDER_CREATED_V1),
+                    );
                     let consumer = cli
                         .services
                         .batching(consumer(

@@ -169,7 +169,7 @@ oncely::relay_after_confirm=2%return";
 
 /// Runs `rabbitmqctl` with `args`; its stdout, or why it failed.
 pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = std::process::Command::new(oncely_example_messages::rabbitmqctl_program())
         .args(args)
         .output()
         .map_err(|e| format!("rabbitmqctl: {e}"))?;

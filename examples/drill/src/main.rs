@@ -105,7 +105,7 @@ struct Names {
 }
 
 impl Names {
-    fn new(namespace: &str) -> Names {
+    fn new(namespace: &str, services: &oncely_example_messages::Services) -> Names {
         let n = |base: &str| {
             if namespace.is_empty() {
                 base.to_owned()
@@ -115,9 +115,11 @@ impl Names {
         };
         let exchange = n(oncely_example_messages::ORDER_EVENTS_EXCHANGE);
         Names {
-            billing: billing_topology(&exchange, &n(billing::QUEUE)),
-            fulfillment: fulfillment::topology(&exchange, &n(fulfillment::QUEUE))
-                .retry_tiers(fulfillment::retry_policy().tiers()),
+            billing: services.queues(billing_topology(&exchange, &n(billing::QUEUE))),
+            fulfillment: services.queues(
+                fulfillment::topology(&exchange, &n(fulfillment::QUEUE))
+                    .retry_tiers(fulfillment::retry_policy().tiers()),
+            ),
             audit: audit::topology(&exchange, &n(audit::QUEUE))
                 .retry_tiers(RetryPolicy::default().tiers()),
             exchange,
@@ -153,7 +155,7 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
     let prefix = format!("ord-{run}-{}", std::process::id());
     let seed = cli.seed.unwrap_or_else(rand::random);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let names = Names::new(&cli.namespace);
+    let names = Names::new(&cli.namespace, &cli.services);
     let connection_prefix = format!("drill-{}-", std::process::id());
     let out_dir = cli
         .out_dir
@@ -189,6 +191,14 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         kind_names.join(", "),
         cli.duplicate_rate,
         cli.poison
+    );
+    let broker_version = oncely_example_messages::broker_version().unwrap_or_else(|e| {
+        note(false, &format!("the broker's version is unknown: {e}"));
+        "unknown".to_owned()
+    });
+    println!(
+        "RabbitMQ {broker_version}, {} queues for billing and fulfillment, quorum for audit",
+        cli.services.queue_type
     );
     println!(
         "logs, counters.csv and report.json in {}",
@@ -274,6 +284,7 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
                 ("ONCELY_STATS_EVERY_MS".into(), "250".into()),
                 // --batch of the drill runs the consumers in batched mode.
                 ("ONCELY_BATCH".into(), cli.services.batch.to_string()),
+                ("ONCELY_QUEUE_TYPE".into(), cli.services.queue_type.clone()),
                 (
                     "ONCELY_BATCH_WAIT_MS".into(),
                     cli.services.batch_wait_ms.to_string(),
@@ -642,6 +653,7 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         run: run.clone(),
         elapsed_s,
         faults: kind_names,
+        broker: format!("RabbitMQ {broker_version}, {} queues", cli.services.queue_type),
         ..Report::default()
     };
     r.figure("orders", st.orders);

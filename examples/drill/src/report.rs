@@ -94,6 +94,8 @@ pub struct Report {
     pub run: String,
     /// Fault kinds asked for.
     pub faults: Vec<String>,
+    /// The broker the run met: its version and the queue type of the work queues.
+    pub broker: String,
     /// Faults injected, by kind, with how many times.
     pub injected: Vec<(String, usize)>,
     /// Whether every check passed.
@@ -140,8 +142,8 @@ impl Report {
             .max()
             .unwrap_or(10);
         out.push_str(&format!(
-            "\ndrill {} ({:.1} s)\n\n",
-            self.run, self.elapsed_s
+            "\ndrill {} ({:.1} s) on {}\n\n",
+            self.run, self.elapsed_s, self.broker
         ));
         out.push_str(&format!("{:<width$}  {:>10}\n", "figure", "value"));
         out.push_str(&format!("{:-<width$}  {:->10}\n", "", ""));

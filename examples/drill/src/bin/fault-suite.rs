@@ -146,6 +146,7 @@ fn main() -> anyhow::Result<()> {
     );
     let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|");
     let mut failed = Vec::new();
+    let mut broker = None;
     for (name, faults, what) in chosen {
         let dir = out_dir.join(name);
         std::fs::create_dir_all(&dir)?;
@@ -175,6 +176,9 @@ fn main() -> anyhow::Result<()> {
             .and_then(|b| serde_json::from_slice(&b).ok());
         let row = match &report {
             Some(r) => {
+                if broker.is_none() {
+                    broker = r["broker"].as_str().map(str::to_owned);
+                }
                 let checks = r["checks"].as_array().cloned().unwrap_or_default();
                 let passed = checks.iter().filter(|c| c["ok"] == true).count();
                 let figure = |n: &str| {
@@ -224,6 +228,10 @@ fn main() -> anyhow::Result<()> {
         println!("  {row}");
         let _ = writeln!(table, "{row}");
     }
+    let table = format!(
+        "On {}.\n\n{table}",
+        broker.as_deref().unwrap_or("a broker the drill could not name")
+    );
     std::fs::write(out_dir.join("summary.md"), &table)?;
     println!("\n{table}");
     if failed.is_empty() {
