@@ -10,7 +10,11 @@ pub type Result<T, E = AmqpError> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum AmqpError {
     /// No connection could be made, after every retry.
-    #[error("cannot connect to RabbitMQ at {url} after {attempts} attempts: {source}")]
+    #[error(
+        "cannot connect to RabbitMQ at {url} ({attempts} {}): {source}{}",
+        if *attempts == 1 { "attempt" } else { "attempts" },
+        connect_hint(source)
+    )]
     Connect {
         /// The URL without credentials.
         url: String,
@@ -133,4 +137,16 @@ pub(crate) fn short(what: &'static str, value: &str) -> Result<lapin::types::Sho
         what,
         value: value.chars().take(64).collect(),
     })
+}
+
+/// What a user should check for a connection error the broker gave a reason for.
+fn connect_hint(error: &lapin::Error) -> &'static str {
+    let text = error.to_string();
+    if text.contains("ACCESS_REFUSED") || text.contains("ACCESS-REFUSED") {
+        " (check the user name and password in the AMQP URL, and the user's permissions on its virtual host)"
+    } else if text.contains("NOT_ALLOWED") || text.contains("NOT-ALLOWED") {
+        " (check that the AMQP URL's virtual host exists and the user may use it)"
+    } else {
+        ""
+    }
 }

@@ -12,7 +12,7 @@ pub mod testing;
 
 pub use consumer::{BuildError, Consumer, ConsumerBuilder, ConsumerHandle};
 pub use handler::{BoxFuture, Handler};
-pub use service::{Service, ServiceError};
+pub use service::{DEFAULT_LOG_FILTER, Service, ServiceError};
 pub use shutdown::shutdown_signal;
 
 pub use diesel_async::AsyncPgConnection;

@@ -215,10 +215,19 @@ impl Service {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`), unless the application installed a
-/// subscriber already.
+/// The log filter of a service that sets no `RUST_LOG`: oncely and the application at `info`;
+/// lapin off, because oncely logs every connection failure once, with its cause
+/// (`ACCESS_REFUSED`, refused, reset), where lapin would log each one three or four times.
+/// `RUST_LOG=info,lapin=warn` brings lapin's own lines back.
+pub const DEFAULT_LOG_FILTER: &str = "info,lapin=off";
+
+/// Logs to stderr, filtered by `RUST_LOG` (default [`DEFAULT_LOG_FILTER`]), unless the
+/// application installed a subscriber already.
 fn install_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

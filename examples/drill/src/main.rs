@@ -653,7 +653,10 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
         run: run.clone(),
         elapsed_s,
         faults: kind_names,
-        broker: format!("RabbitMQ {broker_version}, {} queues", cli.services.queue_type),
+        broker: format!(
+            "RabbitMQ {broker_version}, {} queues",
+            cli.services.queue_type
+        ),
         ..Report::default()
     };
     r.figure("orders", st.orders);

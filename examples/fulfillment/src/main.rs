@@ -135,7 +135,10 @@ async fn main() -> anyhow::Result<()> {
                 ))
                 .amqp_url(&cli.services.amqp_url)
                 .connection_name(connection_name)
-                .topology(cli.services.queues(fulfillment::topology(&exchange, &queue)))
+                .topology(
+                    cli.services
+                        .queues(fulfillment::topology(&exchange, &queue)),
+                )
                 .retry_policy(policy)
                 .concurrency(concurrency)
                 .build()?;

@@ -270,12 +270,13 @@ pub fn broker_version() -> Result<String, String> {
         .to_owned())
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`, or by `default_filter` when it is not set.
+/// Logs to stderr, filtered by `RUST_LOG`, or by `default_filter` when it is not set (lapin's
+/// own lines off, as in [`oncely::DEFAULT_LOG_FILTER`]: oncely logs each connection failure once).
 pub fn init_tracing(default_filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
+                .unwrap_or_else(|_| format!("{default_filter},lapin=off").into()),
         )
         .init();
 }

@@ -230,7 +230,9 @@ fn main() -> anyhow::Result<()> {
     }
     let table = format!(
         "On {}.\n\n{table}",
-        broker.as_deref().unwrap_or("a broker the drill could not name")
+        broker
+            .as_deref()
+            .unwrap_or("a broker the drill could not name")
     );
     std::fs::write(out_dir.join("summary.md"), &table)?;
     println!("\n{table}");
