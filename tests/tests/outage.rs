@@ -52,7 +52,11 @@ async fn outage_spends_no_delivery(url: &str) {
         .requeue_delay(Duration::from_millis(100))
         .build()
         .expect("valid consumer settings");
-    gate.close();
+    // First the database refuses writes, as a demoted primary does (SQLSTATE 25006), then it
+    // cannot be reached at all. Each phase lasts long enough for ten returns at the requeue
+    // delay, five times the queue's delivery limit (the ratio of a one-minute outage to the
+    // broker's default limit of 20 at one return a second).
+    refuse_writes(&h, true).await;
     let running = h.start(consumer);
     for n in 0..10 {
         h.publish_order(&order(&h.name, n)).await;
@@ -60,7 +64,9 @@ async fn outage_spends_no_delivery(url: &str) {
     running
         .wait_for_stats("both slots holding a delivery", |s| s.held >= 2)
         .await;
-    // The outage lasts: long enough for twenty returns at the requeue delay.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.close();
+    refuse_writes(&h, false).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = running.stats();
     assert_eq!(during.requeued, 0, "nothing handed back during the outage");
@@ -69,6 +75,7 @@ async fn outage_spends_no_delivery(url: &str) {
         "intake paused: only the deliveries held in the two slots were taken"
     );
     assert_eq!(during.in_flight, 2, "the held deliveries are in hand");
+    assert_eq!(h.invoices().await, 0, "nothing written while refused");
     gate.open();
     wait_until("10 invoices", Duration::from_secs(60), || async {
         h.invoices().await == 10
@@ -90,6 +97,30 @@ async fn outage_spends_no_delivery(url: &str) {
         0,
         "nothing dead-lettered"
     );
+}
+
+/// Makes the schema's `invoices` refuse inserts as a read-only database does (SQLSTATE 25006),
+/// or accept them again.
+async fn refuse_writes(h: &Harness, refuse: bool) {
+    use diesel_async::RunQueryDsl;
+    let mut conn = h.pool.get().await.expect("connection");
+    let statements: &[&str] = if refuse {
+        &[
+            "CREATE OR REPLACE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction' \
+             USING ERRCODE = 'read_only_sql_transaction'; END $$",
+            "CREATE TRIGGER refuse_writes BEFORE INSERT ON invoices \
+             FOR EACH ROW EXECUTE FUNCTION refuse_writes()",
+        ]
+    } else {
+        &["DROP TRIGGER refuse_writes ON invoices"]
+    };
+    for statement in statements {
+        diesel::sql_query(*statement)
+            .execute(&mut conn)
+            .await
+            .expect(statement);
+    }
 }
 
 /// A deploy that starts before its migration: the business table is missing. Every message is
