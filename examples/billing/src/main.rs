@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _failpoints = oncely::failpoints_from_env();
     oncely_example_messages::init_tracing("warn,billing=info");
+    oncely_example_messages::exit_with_parent();
     let cli = Cli::parse();
     billing::migrate(&cli.services.database_url)
         .await

@@ -150,6 +150,7 @@ async fn main() {
 }
 
 async fn drill(cli: Cli) -> anyhow::Result<bool> {
+    oncely_example_messages::exit_with_parent();
     let started = Instant::now();
     let run = format!("{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
     let prefix = format!("ord-{run}-{}", std::process::id());
@@ -282,6 +283,8 @@ async fn drill(cli: Cli) -> anyhow::Result<bool> {
                 ("AMQP_URL".into(), service_amqp_url.clone()),
                 ("DATABASE_URL".into(), service_db_url.clone()),
                 ("ONCELY_STATS_EVERY_MS".into(), "250".into()),
+                // A drill stopped by a signal takes its services with it.
+                (oncely_example_messages::EXIT_WITH_PARENT.into(), "1".into()),
                 // --batch of the drill runs the consumers in batched mode.
                 ("ONCELY_BATCH".into(), cli.services.batch.to_string()),
                 ("ONCELY_QUEUE_TYPE".into(), cli.services.queue_type.clone()),

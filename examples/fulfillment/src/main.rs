@@ -97,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _failpoints = oncely::failpoints_from_env();
     oncely_example_messages::init_tracing("warn,fulfillment=info");
+    oncely_example_messages::exit_with_parent();
     let cli = Cli::parse();
     let database_url = &cli.services.database_url;
     match cli.command {

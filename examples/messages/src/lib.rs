@@ -249,6 +249,29 @@ pub fn close_connections_where(
     Ok(closed)
 }
 
+/// The variable the drill and the fault suite set on what they start: the process then exits
+/// when the one that started it is gone.
+pub const EXIT_WITH_PARENT: &str = "ONCELY_EXIT_WITH_PARENT";
+
+/// When [`EXIT_WITH_PARENT`] is set, exits this process (code 3) once the process that started
+/// it is gone, so that a drill or a fault suite stopped by a signal leaves no service behind to
+/// work on the shared tables of later runs. Call it from within a tokio runtime, at start.
+pub fn exit_with_parent() {
+    #[cfg(unix)]
+    if std::env::var_os(EXIT_WITH_PARENT).is_some() {
+        let parent = std::os::unix::process::parent_id();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if std::os::unix::process::parent_id() != parent {
+                    eprintln!("the process that started this one is gone: exiting");
+                    std::process::exit(3);
+                }
+            }
+        });
+    }
+}
+
 /// The `rabbitmqctl` that talks to the broker in use: `ONCELY_RABBITMQCTL` when set (the fault
 /// suite on RabbitMQ 4 points it at `scripts/rabbitmq4-ctl`), else `rabbitmqctl` on the `PATH`.
 pub fn rabbitmqctl_program() -> String {

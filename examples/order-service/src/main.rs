@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _failpoints = oncely::failpoints_from_env();
     oncely_example_messages::init_tracing("warn,order_service=info,oncely_outbox=info");
+    oncely_example_messages::exit_with_parent();
     let cli = Cli::parse();
     order_service::migrate(&cli.services.database_url).await?;
     let pool = oncely::connect_pool(&cli.services.database_url, &PoolOptions::default());

@@ -166,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             ])
             .arg("--out-dir")
             .arg(&dir)
+            .env(oncely_example_messages::EXIT_WITH_PARENT, "1")
             .output()
             .with_context(|| format!("running {}", drill.display()))?;
         std::fs::write(dir.join("drill.out"), &output.stdout)?;
