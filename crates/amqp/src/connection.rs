@@ -87,14 +87,30 @@ pub fn node_of(url: &str) -> String {
     }
 }
 
+/// How long one node may take to accept a connection and finish the AMQP handshake. A node that
+/// black-holes packets, or accepts and never answers (an overloaded or half-dead node), would
+/// otherwise hold the attempt for minutes and keep a consumer from the cluster's other nodes.
+pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects to `url`, retrying with `backoff`. The connection is named `name@host:port` in the
 /// broker's management views, after the node it reached.
 ///
 /// `url` may list several nodes separated by commas ([`broker_urls`]): each attempt tries all
 /// of them, starting at one picked at random, and the next attempt, after the jittered
 /// backoff, goes round again. A consumer, publisher or relay that loses its connection calls
-/// this again, and so fails over to another node.
+/// this again, and so fails over to another node. Each node has [`NODE_CONNECT_TIMEOUT`] to
+/// answer.
 pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connection> {
+    connect_within(url, name, backoff, NODE_CONNECT_TIMEOUT).await
+}
+
+/// [`connect`], each node given `node_timeout` to answer.
+async fn connect_within(
+    url: &str,
+    name: &str,
+    backoff: Backoff,
+    node_timeout: Duration,
+) -> Result<Connection> {
     let urls = broker_urls(url);
     if urls.is_empty() {
         return Err(AmqpError::Connect {
@@ -115,7 +131,18 @@ pub async fn connect(url: &str, name: &str, backoff: Backoff) -> Result<Connecti
             let node = node_of(url);
             let properties = ConnectionProperties::default()
                 .with_connection_name(format!("{name}@{node}").into());
-            match crate::transport::open_connection(url, properties).await {
+            let opened = tokio::time::timeout(
+                node_timeout,
+                crate::transport::open_connection(url, properties),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{node} did not complete the AMQP handshake within {node_timeout:?}"),
+                )))
+            });
+            match opened {
                 Ok(connection) => {
                     if urls.len() > 1 {
                         tracing::info!(url = %redact_url(url), connection = %format!("{name}@{node}"), "connected to RabbitMQ");
@@ -161,6 +188,51 @@ pub async fn close_channel(channel: &lapin::Channel, code: u16, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node that accepts TCP connections and never says a word.
+    async fn silent_node() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_node_that_never_answers_fails_the_attempt_after_the_node_timeout() {
+        let (addr, task) = silent_node().await;
+        let url = format!("amqp://guest:guest@{addr}/%2f");
+        let once = Backoff {
+            max_attempts: Some(1),
+            ..Backoff::default()
+        };
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(20),
+            connect_within(&url, "silent", once, Duration::from_millis(300)),
+        )
+        .await
+        .expect("the attempt ends instead of hanging");
+        match result {
+            Err(AmqpError::Connect { source, .. }) => {
+                assert!(
+                    source
+                        .to_string()
+                        .contains("did not complete the AMQP handshake"),
+                    "{source}"
+                )
+            }
+            other => panic!("expected a connect error, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        task.abort();
+    }
 
     #[test]
     fn a_list_of_urls_is_split_on_commas_and_blanks_are_ignored() {

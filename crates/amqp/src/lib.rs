@@ -28,7 +28,9 @@ mod topology;
 mod transport;
 
 pub use cause::{caused_by, current_cause, with_cause};
-pub use connection::{Backoff, broker_urls, close_channel, close_connection, connect, node_of};
+pub use connection::{
+    Backoff, NODE_CONNECT_TIMEOUT, broker_urls, close_channel, close_connection, connect, node_of,
+};
 #[cfg(feature = "failpoints")]
 pub use consumer::FaultInjection;
 pub use consumer::{
