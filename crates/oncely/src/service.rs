@@ -171,9 +171,15 @@ impl Service {
         };
         let stop = CancellationToken::new();
         let mut running = tokio::task::JoinSet::new();
+        // A component that panics or is aborted leaves only its task id: its name is kept here.
+        let mut names = std::collections::HashMap::new();
         for (name, component) in self.components {
             let future = component(stop.clone());
-            running.spawn(async move { (name, future.await) });
+            let task = running.spawn({
+                let name = name.clone();
+                async move { (name, future.await) }
+            });
+            names.insert(task.id(), name);
         }
         tracing::info!(service = %self.name, components = running.len(), "service running");
         tokio::pin!(shutdown);
@@ -190,7 +196,13 @@ impl Service {
                     Some(joined) => {
                         let (name, outcome) = match joined {
                             Ok(ended) => ended,
-                            Err(e) => ("a component".to_owned(), Err(Box::new(e) as _)),
+                            Err(e) => (
+                                names
+                                    .get(&e.id())
+                                    .cloned()
+                                    .unwrap_or_else(|| "a component".to_owned()),
+                                Err(Box::new(e) as _),
+                            ),
                         };
                         if let Err(e) = outcome {
                             tracing::error!(service = %self.name, component = %name, error = %e, "component failed; stopping the service");
