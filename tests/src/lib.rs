@@ -260,6 +260,39 @@ impl Harness {
             .connection_name(self.consumer_connection_name())
     }
 
+    /// Runs `handler` in the background with this test's default consumer settings.
+    pub fn run<H: Handler>(&self, handler: H) -> Running {
+        self.start(
+            self.consumer(handler)
+                .build()
+                .expect("valid consumer settings"),
+        )
+    }
+
+    /// The inbox row of `message_id` for `consumer`; fails the test when there is none.
+    pub async fn inbox_row(&self, consumer: &str, message_id: &str) -> oncely::inbox::InboxRow {
+        self.inbox
+            .find(consumer, message_id)
+            .await
+            .expect("find")
+            .unwrap_or_else(|| panic!("no inbox row for {consumer}/{message_id}"))
+    }
+
+    /// Publishes poison message `n` of `kind` to this test's exchange, and waits for it in the
+    /// dead-letter queue.
+    pub async fn dead_letter_poison(&self, kind: billing::PoisonKind) -> Vec<Received> {
+        billing::publish_poison(
+            &self.publisher,
+            self.topology.exchange(),
+            &self.name,
+            0,
+            kind,
+        )
+        .await
+        .expect("publish");
+        self.expect_in_queue(&self.topology.dlq(), 1).await
+    }
+
     /// Runs `consumer` in the background.
     pub fn start(&self, consumer: Consumer) -> Running {
         Running {

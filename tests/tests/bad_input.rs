@@ -10,21 +10,8 @@ use std::collections::BTreeMap;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_goes_to_dlq_with_reason_and_is_never_looped() {
     let h = Harness::new(&[std::time::Duration::from_millis(100)]).await;
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
-    publish_poison(
-        &h.publisher,
-        h.topology.exchange(),
-        &h.name,
-        0,
-        PoisonKind::InvalidJson,
-    )
-    .await
-    .expect("publish");
-    let dead = h.expect_in_queue(&h.topology.dlq(), 1).await;
+    let running = h.run(create_invoice);
+    let dead = h.dead_letter_poison(PoisonKind::InvalidJson).await;
     assert_eq!(
         dead[0].header("x-oncely-error-code").as_deref(),
         Some("contract.undecodable_body")
@@ -48,21 +35,8 @@ async fn invalid_json_goes_to_dlq_with_reason_and_is_never_looped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_message_id_goes_to_dlq() {
     let h = Harness::new(&[]).await;
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
-    publish_poison(
-        &h.publisher,
-        h.topology.exchange(),
-        &h.name,
-        0,
-        PoisonKind::MissingMessageId,
-    )
-    .await
-    .expect("publish");
-    let dead = h.expect_in_queue(&h.topology.dlq(), 1).await;
+    let running = h.run(create_invoice);
+    let dead = h.dead_letter_poison(PoisonKind::MissingMessageId).await;
     assert_eq!(
         dead[0].header("x-oncely-error-code").as_deref(),
         Some("contract.missing_message_id")
@@ -75,11 +49,7 @@ async fn missing_message_id_goes_to_dlq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_good_messages_flow_on() {
     let h = Harness::new(&[]).await;
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     for (i, kind) in PoisonKind::ALL.iter().enumerate() {
         publish_poison(&h.publisher, h.topology.exchange(), &h.name, i, *kind)
             .await
@@ -220,11 +190,7 @@ fn order_body(h: &Harness, n: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_strings_that_are_not_utf8_go_to_dlq_and_the_queue_flows_on() {
     let h = Harness::new(&[]).await;
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     h.wait_for_consumer().await;
 
     let bad_id = b"ord-\xff\xfe-1".to_vec();
@@ -323,11 +289,7 @@ async fn routing_key_that_is_not_utf8_goes_to_dlq_without_breaking_the_connectio
         )
         .await
         .expect("bind");
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     h.wait_for_consumer().await;
     let mut raw = oncely_e2e::raw_amqp::RawPublisher::connect(&oncely_e2e::amqp_url())
         .await
@@ -360,11 +322,7 @@ async fn routing_key_that_is_not_utf8_goes_to_dlq_without_breaking_the_connectio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_header_types_are_ignored_or_dead_lettered_never_a_connection_failure() {
     let h = Harness::new(&[]).await;
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     h.wait_for_consumer().await;
 
     let nested = RawTable::default()

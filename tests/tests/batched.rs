@@ -181,12 +181,7 @@ async fn a_failing_message_in_a_batch_fails_alone_while_the_others_commit() {
         dead[0].message_id().as_deref(),
         Some(clash.message_id().as_str())
     );
-    let row = h
-        .inbox
-        .find("billing", &clash.message_id())
-        .await
-        .expect("find")
-        .expect("row");
+    let row = h.inbox_row("billing", &clash.message_id()).await;
     assert_eq!(row.status, "failed");
     running.stop().await.expect("clean stop");
 }

@@ -11,11 +11,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_delivery_after_commit_is_acked_without_running_handler() {
     let h = Harness::new(&[]).await;
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     let o = order(&h.name, 1);
     h.publish_order(&o).await;
     running
@@ -27,12 +23,7 @@ async fn duplicate_delivery_after_commit_is_acked_without_running_handler() {
         .await;
 
     assert_eq!(h.invoices().await, 1);
-    let row = h
-        .inbox
-        .find("billing", &o.message_id())
-        .await
-        .expect("find")
-        .expect("inbox row");
+    let row = h.inbox_row("billing", &o.message_id()).await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.attempts, 1, "the handler ran once");
     running.stop().await.expect("clean stop");
@@ -75,12 +66,7 @@ async fn crash_after_commit_before_ack_is_redelivered_and_acked_as_duplicate() {
     );
     assert!(stats.reconnects >= 1, "the runtime reconnected: {stats:?}");
     assert_eq!(h.invoices().await, 1);
-    let row = h
-        .inbox
-        .find("billing", &o.message_id())
-        .await
-        .expect("find")
-        .expect("row");
+    let row = h.inbox_row("billing", &o.message_id()).await;
     assert_eq!((row.status.as_str(), row.attempts), ("processed", 1));
     running.stop().await.expect("clean stop");
     assert_eq!(h.queue_len(h.topology.queue()).await, 0);
@@ -237,11 +223,7 @@ async fn a_shutdown_that_abandons_in_flight_deliveries_says_so_and_the_broker_re
     assert_eq!(h.invoices().await, 0, "the abandoned runs rolled back");
 
     // Left unacked, the two come back and are processed once each.
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     running
         .wait_for_stats("the abandoned deliveries processed", |s| s.processed == 2)
         .await;

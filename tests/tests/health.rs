@@ -33,11 +33,7 @@ async fn readiness_fails_after_the_grace_period_while_broker_or_database_is_down
         .expect("serve");
     let addr = server.local_addr();
     let h = Harness::new(&[]).await;
-    let healthy = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let healthy = h.run(create_invoice);
     h.wait_for_consumer().await;
     let body = wait_status(addr, 200).await;
     assert!(body.contains("\"ready\":true"), "{body}");

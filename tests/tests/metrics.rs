@@ -51,11 +51,7 @@ async fn processed_and_duplicate_are_counted_once_each_and_served_on_metrics_end
     let h = Harness::new(&[]).await;
     let q = h.topology.queue().to_owned();
     let labels = [("queue", q.as_str()), ("consumer", "billing")];
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     let o = order(&h.name, 1);
     h.publish_order(&o).await;
     running
@@ -97,11 +93,7 @@ async fn poison_messages_are_counted_dead_lettered_with_their_contract_code() {
     install_recorder().expect("recorder");
     let h = Harness::new(&[]).await;
     let q = h.topology.queue().to_owned();
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     h.publish_raw(
         b"not json",
         BasicProperties::default().with_message_id(format!("{}-bad", h.name).into()),
@@ -199,11 +191,7 @@ async fn parked_message_is_counted_with_its_code() {
     install_recorder().expect("recorder");
     let h = Harness::new(&[]).await;
     let q = h.topology.queue().to_owned();
-    let running = h.start(
-        h.consumer(needs_review)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(needs_review);
     h.publish_order(&order(&h.name, 1)).await;
     running.wait_for_stats("parked", |s| s.parked == 1).await;
     let labels = [

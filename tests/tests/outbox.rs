@@ -162,11 +162,7 @@ async fn relay_killed_after_confirm_before_mark_publishes_twice_and_billing_invo
         "every event twice"
     );
 
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     running
         .wait_for_stats("all 40 settled", |s| s.settled() == 40)
         .await;

@@ -198,11 +198,7 @@ async fn a_message_that_keeps_crashing_the_consumer_reaches_the_dlq_with_oncelys
 
     // The next delivery carries x-delivery-count = LIMIT: oncely dead-letters it, with its
     // reason, before the handler runs, well before the broker's own limit would.
-    let running = h.start(
-        h.consumer(create_invoice)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(create_invoice);
     let dead = h.expect_in_queue(&h.topology.dlq(), 1).await;
     running.stop().await.expect("clean stop");
     let copy = &dead[0];

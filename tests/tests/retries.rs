@@ -70,12 +70,7 @@ async fn retryable_error_is_retried_through_the_delay_queue_with_attempt_header_
         (2, 3, 0)
     );
     assert_eq!(h.invoices().await, 1);
-    let row = h
-        .inbox
-        .find("billing", &o.message_id())
-        .await
-        .expect("find")
-        .expect("row");
+    let row = h.inbox_row("billing", &o.message_id()).await;
     assert_eq!(row.status, "processed");
     assert_eq!(row.attempts, 3, "two recorded failures, then the success");
     running.stop().await.expect("stop");
@@ -110,12 +105,7 @@ async fn exhausted_retries_go_to_dlq_with_the_last_error_and_attempt() {
         (stats.retried, stats.dead_lettered, stats.processed),
         (2, 1, 0)
     );
-    let row = h
-        .inbox
-        .find("billing", &o.message_id())
-        .await
-        .expect("find")
-        .expect("row");
+    let row = h.inbox_row("billing", &o.message_id()).await;
     assert_eq!((row.status.as_str(), row.attempts), ("failed", 3));
     assert_eq!(h.invoices().await, 0);
     running.stop().await.expect("stop");
@@ -146,11 +136,7 @@ async fn permanent_error_goes_to_dlq_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn park_error_goes_to_the_parking_lot() {
     let h = Harness::new(&tiers()).await;
-    let running = h.start(
-        h.consumer(needs_review)
-            .build()
-            .expect("valid consumer settings"),
-    );
+    let running = h.run(needs_review);
     h.publish_order(&order(&h.name, 1)).await;
     let parked = h.expect_in_queue(&h.topology.parking(), 1).await;
     assert_eq!(
@@ -226,12 +212,7 @@ async fn handler_past_its_timeout_is_cancelled_rolled_back_and_retried() {
         1,
         "the timed-out attempt's invoice was rolled back"
     );
-    let row = h
-        .inbox
-        .find("billing", &o.message_id())
-        .await
-        .expect("find")
-        .expect("row");
+    let row = h.inbox_row("billing", &o.message_id()).await;
     assert_eq!((row.status.as_str(), row.attempts), ("processed", 2));
     // The stuck statement was cancelled on the server, not left holding its locks.
     oncely_e2e::wait_until(
