@@ -10,6 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
+/// A message of a batch sent and awaiting its confirm: its index, the confirm's deadline, the
+/// confirm, and the gauge raised for it.
+type Sent = (
+    usize,
+    tokio::time::Instant,
+    lapin::PublisherConfirm,
+    AwaitedConfirm,
+);
+
 /// Publishes with publisher confirms on a channel of its own, and waits for the broker's
 /// answer: [`AmqpError::Nacked`], [`AmqpError::Unroutable`] (mandatory publishes that came back)
 /// and [`AmqpError::ConfirmTimeout`] are told apart. After any failure the channel is replaced
@@ -83,25 +92,15 @@ impl ConfirmPublisher {
         };
         let mut results: Vec<Result<()>> = messages.iter().map(|_| Ok(())).collect();
         let mut returned = Vec::new();
-        let mut pending: std::collections::VecDeque<(usize, _, _, AwaitedConfirm)> =
-            std::collections::VecDeque::new();
+        let mut pending: std::collections::VecDeque<Sent> = std::collections::VecDeque::new();
         let mut broken = false;
         for (index, message) in messages.iter().enumerate() {
             if pending.len() >= max_outstanding.max(1)
-                && let Some((i, deadline, confirm, awaited)) = pending.pop_front()
+                && let Some(sent) = pending.pop_front()
             {
                 broken |= self
-                    .settle_batch_confirm(
-                        &messages[i],
-                        deadline,
-                        confirm,
-                        &mut results[i],
-                        &mut returned,
-                    )
+                    .settle_sent(messages, sent, &mut results, &mut returned)
                     .await;
-                if !matches!(results[i], Err(AmqpError::ConfirmTimeout { .. })) {
-                    awaited.answered();
-                }
             }
             if broken {
                 // The channel failed (a blocked broker, a lost connection): sending the rest would
@@ -127,19 +126,10 @@ impl ConfirmPublisher {
             // Fault suite: the process dies with the batch sent, its confirms not yet in.
             fail::fail_point!("oncely::publish_before_confirm", |_| std::process::abort());
         }
-        for (i, deadline, confirm, awaited) in pending {
+        for sent in pending {
             broken |= self
-                .settle_batch_confirm(
-                    &messages[i],
-                    deadline,
-                    confirm,
-                    &mut results[i],
-                    &mut returned,
-                )
+                .settle_sent(messages, sent, &mut results, &mut returned)
                 .await;
-            if !matches!(results[i], Err(AmqpError::ConfirmTimeout { .. })) {
-                awaited.answered();
-            }
         }
         for back in returned {
             let owner = messages.iter().enumerate().position(|(i, m)| {
@@ -164,6 +154,25 @@ impl ConfirmPublisher {
 
     /// Waits for one confirm of a batch; a returned message it carries is set aside for matching.
     /// True when the channel can no longer be trusted.
+    /// Waits for the confirm of one sent message of a batch and records its result; true when
+    /// the channel is broken. The outstanding-confirm gauge is lowered unless the confirm timed
+    /// out (then the broker may still answer, and the channel is dropped with it).
+    async fn settle_sent(
+        &self,
+        messages: &[OutgoingMessage<'_>],
+        (i, deadline, confirm, awaited): Sent,
+        results: &mut [Result<()>],
+        returned: &mut Vec<lapin::message::BasicReturnMessage>,
+    ) -> bool {
+        let broken = self
+            .settle_batch_confirm(&messages[i], deadline, confirm, &mut results[i], returned)
+            .await;
+        if !matches!(results[i], Err(AmqpError::ConfirmTimeout { .. })) {
+            awaited.answered();
+        }
+        broken
+    }
+
     async fn settle_batch_confirm(
         &self,
         message: &OutgoingMessage<'_>,
