@@ -79,7 +79,6 @@ async fn create(pool: &oncely::Pool, exchange: &str, count: usize) -> anyhow::Re
 }
 
 async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
-    let _observability = oncely::observability::serve_from_env(&pool).await?;
     declare_exchange(cli).await?;
     let publisher = Arc::new(Publisher::new(
         &cli.services.amqp_url,
@@ -96,9 +95,15 @@ async fn relay(cli: &Cli, pool: oncely::Pool) -> anyhow::Result<()> {
         },
     );
     tracing::info!("relaying outbox events to {}", cli.exchange);
-    relay.run(oncely::shutdown_signal()).await?;
+    let stats = relay.stats();
+    // Metrics and health from METRICS_ADDR, one shutdown on Ctrl-C or SIGTERM.
+    oncely::Service::new("order-service")
+        .database(pool)
+        .relay(relay)
+        .run()
+        .await?;
     publisher.close().await;
-    let stats = relay.stats().snapshot();
+    let stats = stats.snapshot();
     println!(
         "relay stopped: published {} failed attempts {} cycles {}",
         stats.published, stats.failed, stats.cycles
