@@ -4,11 +4,15 @@ use crate::Refused;
 use anyhow::Context;
 use std::path::Path;
 
-/// (folder suffix, up, down) of each table.
-fn tables(inbox: bool, outbox: bool) -> Vec<(&'static str, &'static str, &'static str)> {
+/// (folder name, name an older oncely gave the folder, up, down) of each table. The folder
+/// names are the embedded migrations' own, so the versions agree with `run_migrations`.
+type Table = (&'static str, &'static str, &'static str, &'static str);
+
+fn tables(inbox: bool, outbox: bool) -> Vec<Table> {
     let mut out = Vec::new();
     if inbox {
         out.push((
+            oncely::inbox::INBOX_MIGRATION,
             "oncely_inbox",
             oncely::inbox::INBOX_SQL.0,
             oncely::inbox::INBOX_SQL.1,
@@ -16,6 +20,7 @@ fn tables(inbox: bool, outbox: bool) -> Vec<(&'static str, &'static str, &'stati
     }
     if outbox {
         out.push((
+            oncely::outbox::OUTBOX_MIGRATION,
             "oncely_outbox",
             oncely::outbox::OUTBOX_SQL.0,
             oncely::outbox::OUTBOX_SQL.1,
@@ -32,24 +37,22 @@ pub(crate) fn generate(dir: &Path, inbox: bool, outbox: bool) -> anyhow::Result<
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     let wanted = tables(inbox, outbox);
-    for (suffix, _, _) in &wanted {
+    for (name, legacy, _, _) in &wanted {
         if let Some(found) = existing
             .iter()
-            .find(|name| name.ends_with(&format!("_{suffix}")))
+            .find(|f| f.as_str() == *name || f.ends_with(&format!("_{legacy}")))
         {
             return Err(Refused(format!(
-                "{}/{found} already holds the {suffix} migration",
+                "{}/{found} already holds the {legacy} migration",
                 dir.display()
             ))
             .into());
         }
     }
-    // Diesel orders migrations by the version before the first `_`; one second apart keeps
-    // the inbox before the outbox.
-    let now = chrono::Utc::now();
-    for (i, (suffix, up, down)) in wanted.iter().enumerate() {
-        let stamp = (now + chrono::Duration::seconds(i as i64)).format("%Y-%m-%d-%H%M%S");
-        let folder = dir.join(format!("{stamp}_{suffix}"));
+    // The embedded migrations' versions, not today's date: a service that applies these files
+    // (diesel_cli) and also calls `oncely::run_migrations` at start-up applies each once.
+    for (name, _, up, down) in &wanted {
+        let folder = dir.join(name);
         std::fs::create_dir_all(&folder)
             .with_context(|| format!("creating {}", folder.display()))?;
         std::fs::write(folder.join("up.sql"), up)?;

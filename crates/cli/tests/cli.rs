@@ -47,8 +47,8 @@ async fn generated_migrations_are_the_embedded_sql_written_once_and_apply_to_an_
         .collect();
     folders.sort();
     assert_eq!(folders.len(), 2);
-    assert!(folders[0].to_string_lossy().ends_with("_oncely_inbox"));
-    assert!(folders[1].to_string_lossy().ends_with("_oncely_outbox"));
+    assert!(folders[0].ends_with(oncely::inbox::INBOX_MIGRATION));
+    assert!(folders[1].ends_with(oncely::outbox::OUTBOX_MIGRATION));
     let up = std::fs::read_to_string(folders[0].join("up.sql")).expect("up.sql");
     assert_eq!(
         up,
@@ -103,6 +103,14 @@ async fn generated_migrations_are_the_embedded_sql_written_once_and_apply_to_an_
             .expect("message_inbox exists"),
         0
     );
+    // The service's own start-up then applies the embedded migrations: the same versions, so
+    // nothing is applied twice ("relation already exists" was the error when they differed).
+    for migrations in [oncely::INBOX_MIGRATIONS, oncely::outbox::OUTBOX_MIGRATIONS] {
+        let applied = oncely::run_migrations(empty.url(), migrations)
+            .await
+            .expect("embedded migrations after the generated ones");
+        assert_eq!(applied, 0, "already applied from the generated files");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

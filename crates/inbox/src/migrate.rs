@@ -5,6 +5,12 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+/// The name (`<version>_<what>`) of the inbox's one migration, embedded in
+/// [`INBOX_MIGRATIONS`] and written by `oncely migrations generate`: the same version either way,
+/// so a service that applies both (generated files with diesel_cli, then `run_migrations` at
+/// start-up) applies it once.
+pub const INBOX_MIGRATION: &str = "2026-11-23-000001_create_message_inbox";
+
 /// The inbox table and its index.
 pub const INBOX_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/inbox");
 
@@ -56,3 +62,20 @@ pub const INBOX_SQL: (&str, &str) = (
     include_str!("../../../migrations/inbox/2026-11-23-000001_create_message_inbox/up.sql"),
     include_str!("../../../migrations/inbox/2026-11-23-000001_create_message_inbox/down.sql"),
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::migration::MigrationSource;
+    use diesel::pg::Pg;
+
+    #[test]
+    fn the_embedded_migration_carries_the_published_name() {
+        let names: Vec<String> = MigrationSource::<Pg>::migrations(&INBOX_MIGRATIONS)
+            .expect("embedded")
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect();
+        assert_eq!(names, [INBOX_MIGRATION]);
+    }
+}

@@ -38,6 +38,11 @@ pub use relay::{
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 
+/// The name (`<version>_<what>`) of the outbox's one migration, embedded in
+/// [`OUTBOX_MIGRATIONS`] and written by `oncely migrations generate`: the same version either
+/// way, so applying both applies it once.
+pub const OUTBOX_MIGRATION: &str = "2026-11-23-000003_create_outbox_message";
+
 /// The `outbox_message` table, its indexes and its NOTIFY trigger.
 pub const OUTBOX_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/outbox");
 
@@ -50,3 +55,20 @@ pub const OUTBOX_SQL: (&str, &str) = (
     include_str!("../../../migrations/outbox/2026-11-23-000003_create_outbox_message/up.sql"),
     include_str!("../../../migrations/outbox/2026-11-23-000003_create_outbox_message/down.sql"),
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::migration::MigrationSource;
+    use diesel::pg::Pg;
+
+    #[test]
+    fn the_embedded_migration_carries_the_published_name() {
+        let names: Vec<String> = MigrationSource::<Pg>::migrations(&OUTBOX_MIGRATIONS)
+            .expect("embedded")
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect();
+        assert_eq!(names, [OUTBOX_MIGRATION]);
+    }
+}
