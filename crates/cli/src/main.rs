@@ -77,6 +77,13 @@ enum MigrationsCommand {
         #[arg(long)]
         outbox: bool,
     },
+    /// Apply the pending migrations of a Diesel migrations directory (folders of up.sql and
+    /// down.sql), as `diesel migration run` would, without diesel_cli or libpq.
+    Run {
+        /// The migrations directory.
+        #[arg(long, default_value = "migrations")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,6 +247,9 @@ async fn main() -> ExitCode {
         Command::Migrations(MigrationsCommand::Generate { dir, inbox, outbox }) => {
             let both = !inbox && !outbox;
             migrations::generate(&dir, inbox || both, outbox || both)
+        }
+        Command::Migrations(MigrationsCommand::Run { dir }) => {
+            migrations::run(&cli.database_url, &dir).await
         }
         Command::Topology(TopologyCommand::Declare { config, consumer }) => {
             topology::declare(&config, consumer.as_deref()).await

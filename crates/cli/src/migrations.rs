@@ -61,3 +61,33 @@ pub(crate) fn generate(dir: &Path, inbox: bool, outbox: bool) -> anyhow::Result<
     }
     Ok(())
 }
+
+/// Applies the pending migrations of `dir` to `database_url`, printing each one applied.
+pub(crate) async fn run(database_url: &str, dir: &Path) -> anyhow::Result<()> {
+    use diesel::Connection;
+    use diesel_async::AsyncPgConnection;
+    use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+    use diesel_migrations::{FileBasedMigrations, MigrationHarness};
+    let source = FileBasedMigrations::from_path(dir)
+        .map_err(|e| anyhow::anyhow!("{} is not a migrations directory: {e}", dir.display()))?;
+    let url = database_url.to_owned();
+    let applied = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
+            .context("connecting to the database (--database-url or DATABASE_URL)")?;
+        let applied = conn
+            .run_pending_migrations(source)
+            .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))?;
+        Ok(applied.iter().map(ToString::to_string).collect())
+    })
+    .await??;
+    if applied.is_empty() {
+        println!(
+            "nothing to apply: every migration of {} is applied",
+            dir.display()
+        );
+    }
+    for version in applied {
+        println!("applied {version}");
+    }
+    Ok(())
+}

@@ -16,9 +16,14 @@ struct Run {
 }
 
 async fn oncely(h: &Harness, args: &[&str]) -> Run {
+    oncely_with_database(h.schema.url(), args).await
+}
+
+/// `oncely ARGS` against the database at `database_url`.
+async fn oncely_with_database(database_url: &str, args: &[&str]) -> Run {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
         .args(args)
-        .env("DATABASE_URL", h.schema.url())
+        .env("DATABASE_URL", database_url)
         .env("AMQP_URL", amqp_url())
         .kill_on_drop(true)
         .output();
@@ -695,4 +700,48 @@ async fn quorum_delivery_limit_dead_letters_a_message_that_keeps_coming_back() {
         "delivered up to the broker's limit first"
     );
     let _ = topology.delete(&h.connection).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_applies_a_directory_once_without_diesel_cli() {
+    let h = Harness::new(&[]).await;
+    let dir = std::env::temp_dir().join(format!("{}-run-migrations", h.name));
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let generated = oncely(&h, &["migrations", "generate", "--dir", &dir_arg]).await;
+    assert_eq!(generated.code, Some(0), "{}", generated.stderr);
+    // A service's own migration beside oncely's.
+    let own = dir.join("2026-12-01-000001_create_payments");
+    std::fs::create_dir_all(&own).expect("own migration");
+    std::fs::write(
+        own.join("up.sql"),
+        "CREATE TABLE payments (id BIGSERIAL PRIMARY KEY);",
+    )
+    .expect("up.sql");
+    std::fs::write(own.join("down.sql"), "DROP TABLE payments;").expect("down.sql");
+
+    let empty = oncely::testing::TestSchema::create().await.expect("schema");
+    let args = ["migrations", "run", "--dir", &dir_arg];
+    let first = oncely_with_database(empty.url(), &args).await;
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    assert_eq!(
+        first.stdout.matches("applied ").count(),
+        3,
+        "{}",
+        first.stdout
+    );
+    let second = oncely_with_database(empty.url(), &args).await;
+    assert_eq!(second.code, Some(0), "{}", second.stderr);
+    assert!(
+        second.stdout.contains("nothing to apply"),
+        "{}",
+        second.stdout
+    );
+    // The tables are there: the inbox answers, and the service's table takes a row.
+    let pool = oncely::connect_pool(empty.url(), &Default::default());
+    let inbox = oncely::Inbox::new(pool);
+    assert_eq!(
+        inbox.count_processed("any").await.expect("message_inbox"),
+        0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
