@@ -28,6 +28,29 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// Why a [`TestSchema`] could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TestSchemaError {
+    /// The database could not be reached (is PostgreSQL running, does the database exist?).
+    #[error(
+        "cannot connect to {url} for a test schema ({source}); set DATABASE_URL to a database \
+         the tests may create schemas in, or create the local default (createdb oncely)"
+    )]
+    Connect {
+        /// The database URL, without its password.
+        url: String,
+        /// The driver's error.
+        source: diesel::ConnectionError,
+    },
+    /// The schema could not be created.
+    #[error("cannot create the test schema: {0}")]
+    Create(#[from] diesel::result::Error),
+    /// A migration failed in the new schema.
+    #[error("cannot apply the migrations to the test schema: {0}")]
+    Migrate(#[from] crate::MigrationError),
+}
+
 /// A schema created for one test and dropped after it.
 #[derive(Debug)]
 pub struct TestSchema {
@@ -37,13 +60,22 @@ pub struct TestSchema {
 }
 
 impl TestSchema {
-    /// Creates a fresh schema in the database at [`database_url`].
-    pub async fn create() -> Result<TestSchema, diesel::result::Error> {
-        let base_url = database_url();
+    /// Creates a fresh schema in the database at [`database_url`]: `DATABASE_URL`, or the
+    /// local `postgres://postgres@127.0.0.1:5432/oncely`.
+    pub async fn create() -> Result<TestSchema, TestSchemaError> {
+        Self::create_in(&database_url()).await
+    }
+
+    /// Creates a fresh schema in the database at `base_url`.
+    pub async fn create_in(base_url: &str) -> Result<TestSchema, TestSchemaError> {
+        let base_url = base_url.to_owned();
         let name = unique_name("oncely_test");
         let mut conn = AsyncPgConnection::establish(&base_url)
             .await
-            .map_err(|e| diesel::result::Error::QueryBuilderError(Box::new(e)))?;
+            .map_err(|source| TestSchemaError::Connect {
+                url: oncely_core::redact_url(&base_url),
+                source,
+            })?;
         diesel::sql_query(format!("CREATE SCHEMA {name}"))
             .execute(&mut conn)
             .await?;
@@ -57,6 +89,19 @@ impl TestSchema {
             url,
             base_url,
         })
+    }
+
+    /// [`create`](Self::create), then applies `migrations` in order in the new schema: the same
+    /// ones the service applies (say `[oncely::INBOX_MIGRATIONS,
+    /// oncely::outbox::OUTBOX_MIGRATIONS, MY_MIGRATIONS]`), in one call.
+    pub async fn with_migrations(
+        migrations: impl IntoIterator<Item = diesel_migrations::EmbeddedMigrations>,
+    ) -> Result<TestSchema, TestSchemaError> {
+        let schema = Self::create().await?;
+        for m in migrations {
+            crate::run_migrations(schema.url(), m).await?;
+        }
+        Ok(schema)
     }
 
     /// Schema name.

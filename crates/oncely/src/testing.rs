@@ -9,7 +9,9 @@ use oncely_core::{Classifier, Decision, DefaultClassifier, Envelope, RetryPolicy
 use oncely_inbox::Inbox;
 use std::sync::Arc;
 
-pub use oncely_inbox::testing::{TestSchema, block_on_thread, database_url, unique_name};
+pub use oncely_inbox::testing::{
+    TestSchema, TestSchemaError, block_on_thread, database_url, unique_name,
+};
 
 /// Runs a handler the way the consumer does, minus the broker.
 pub struct TestWorker<H> {
