@@ -2,8 +2,10 @@
 //! compiled, run or checked against the code, in `cargo test` (so in CI).
 //!
 //! - `rust` blocks are doc tests: the build script includes each Markdown file as the doc of an
-//!   item under `cfg(doctest)`. Hidden `# ` lines hold the setup; blocks that need the broker or
-//!   the database are `no_run` (compiled, not run); `ignore` is not used.
+//!   item under `cfg(doctest)`. No block hides lines from the reader (`# `); blocks that need the
+//!   broker are `no_run` (compiled, not run); `ignore` is not used. `docs/getting-started.md` is
+//!   a crate instead, one file per block ([`page_crate`]), built and tested outside the workspace
+//!   by `scripts/check-getting-started`.
 //! - `sh` / `console` blocks: every command must exist (a workspace binary with that
 //!   subcommand and those flags, checked through `--help`; a script; a `cargo` package or test
 //!   target; or a tool on the allow-list), see `tests/code_blocks/shell.rs`.
@@ -18,6 +20,7 @@
 //! The conventions are written down in `docs/decisions.md`.
 
 pub mod markdown;
+pub mod page_crate;
 
 #[cfg(doctest)]
 include!(concat!(env!("OUT_DIR"), "/docs.rs"));

@@ -358,3 +358,65 @@ fn every_test_or_code_name_in_the_docs_exists_in_the_code() {
     report("test name", problems);
     assert!(named > 20, "only {named} test names found");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rust blocks: what a reader copies is what is checked.
+
+/// A line rustdoc would hide (`# use ...`, `#`): a reader copying the block would miss it.
+fn is_hidden_line(line: &str) -> bool {
+    let trimmed = line.trim_start();
+    trimmed == "#" || trimmed.starts_with("# ")
+}
+
+#[test]
+fn no_rust_block_hides_lines_from_the_reader() {
+    let problems = blocks_of(&["rust"])
+        .iter()
+        .flat_map(|b| {
+            b.text
+                .lines()
+                .enumerate()
+                .filter(|(_, line)| is_hidden_line(line))
+                .map(move |(i, line)| {
+                    format!("{}:{}: hidden line {line:?}", b.file, b.line + 1 + i)
+                })
+        })
+        .collect();
+    report("hidden-line", problems);
+}
+
+#[test]
+fn getting_started_is_a_whole_crate_of_pasteable_files() {
+    let page: Vec<Block> = all_blocks()
+        .into_iter()
+        .filter(|b| b.file == "docs/getting-started.md")
+        .collect();
+    let files = oncely_docs_check::page_crate::files(&page)
+        .unwrap_or_else(|problems| panic!("docs/getting-started.md:\n{}", problems.join("\n")));
+    let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for wanted in [
+        "Cargo.toml",
+        "src/lib.rs",
+        "src/main.rs",
+        "tests/invoices.rs",
+    ] {
+        assert!(paths.contains(&wanted), "no {wanted} block among {paths:?}");
+    }
+    // The tests are real tests: each test function is marked, so `cargo test` runs it.
+    let tests = files
+        .iter()
+        .find(|f| f.path == "tests/invoices.rs")
+        .map(|f| f.text.matches("#[tokio::test]").count())
+        .unwrap_or(0);
+    assert!(tests >= 2, "tests/invoices.rs has {tests} #[tokio::test]");
+}
+
+#[test]
+fn hidden_lines_are_told_apart_from_attributes_and_comments() {
+    assert!(is_hidden_line("# use oncely::prelude::*;"));
+    assert!(is_hidden_line("    # fn main() {}"));
+    assert!(is_hidden_line("#"));
+    assert!(!is_hidden_line("#[tokio::test]"));
+    assert!(!is_hidden_line("#![allow(dead_code)]"));
+    assert!(!is_hidden_line("// # not hidden"));
+}
