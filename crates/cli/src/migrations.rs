@@ -62,24 +62,15 @@ pub(crate) fn generate(dir: &Path, inbox: bool, outbox: bool) -> anyhow::Result<
     Ok(())
 }
 
-/// Applies the pending migrations of `dir` to `database_url`, printing each one applied.
+/// Applies the pending migrations of `dir` to `database_url`, printing each one applied; one
+/// process at a time per database (see `oncely::inbox::apply_migrations`).
 pub(crate) async fn run(database_url: &str, dir: &Path) -> anyhow::Result<()> {
-    use diesel::Connection;
-    use diesel_async::AsyncPgConnection;
-    use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-    use diesel_migrations::{FileBasedMigrations, MigrationHarness};
-    let source = FileBasedMigrations::from_path(dir)
+    let source = diesel_migrations::FileBasedMigrations::from_path(dir)
         .map_err(|e| anyhow::anyhow!("{} is not a migrations directory: {e}", dir.display()))?;
-    let url = database_url.to_owned();
-    let applied = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
-            .context("connecting to the database (--database-url or DATABASE_URL)")?;
-        let applied = conn
-            .run_pending_migrations(source)
-            .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))?;
-        Ok(applied.iter().map(ToString::to_string).collect())
-    })
-    .await??;
+    // Under the same advisory lock as the services' own start-up migrations.
+    let applied = oncely::inbox::apply_migrations(database_url, source)
+        .await
+        .context("applying migrations (--database-url or DATABASE_URL)")?;
     if applied.is_empty() {
         println!(
             "nothing to apply: every migration of {} is applied",

@@ -24,7 +24,10 @@ mod pool;
 pub mod schema;
 mod store;
 
-pub use migrate::{INBOX_MIGRATION, INBOX_MIGRATIONS, INBOX_SQL, MigrationError, run_migrations};
+pub use migrate::{
+    INBOX_MIGRATION, INBOX_MIGRATIONS, INBOX_SQL, MIGRATION_LOCK_KEY, MigrationError,
+    apply_migrations, run_migrations,
+};
 pub use pool::{Pool, PoolError, PoolOptions, connect_pool};
 pub use store::{BoxFuture, Inbox, InboxError, InboxRow, Outcome, Status};
 

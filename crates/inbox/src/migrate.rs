@@ -1,6 +1,9 @@
 //! Embedded migrations, run through a blocking connection on a blocking thread.
 
-use diesel::Connection;
+use diesel::migration::MigrationSource;
+use diesel::pg::Pg;
+use diesel::sql_types::BigInt;
+use diesel::{Connection, RunQueryDsl};
 use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
@@ -35,11 +38,34 @@ pub enum MigrationError {
 }
 
 /// Applies every pending migration of `migrations` to `database_url`; already applied ones
-/// are skipped, so calling it at every start-up is safe. Works on any tokio runtime.
+/// are skipped, so calling it at every start-up is safe, from several replicas at once too (see
+/// [`apply_migrations`]). Works on any tokio runtime.
 pub async fn run_migrations(
     database_url: &str,
     migrations: EmbeddedMigrations,
 ) -> Result<usize, MigrationError> {
+    apply_migrations(database_url, migrations)
+        .await
+        .map(|applied| applied.len())
+}
+
+/// The key of the PostgreSQL advisory lock migrations are applied under (`oncely-migrations`
+/// in ASCII, as a number): one database, one migrating process at a time.
+pub const MIGRATION_LOCK_KEY: i64 = 0x6f6e_6365_6c79_6d67;
+
+/// Applies the pending migrations of `source` (embedded, or a Diesel migrations directory) to
+/// `database_url` and returns the names of those it applied.
+///
+/// The migrations run under a session advisory lock ([`MIGRATION_LOCK_KEY`]): replicas that
+/// start together wait for each other instead of racing on the same `CREATE TABLE`, and each
+/// finds what the first applied. The lock ends with the connection, even if a migration fails.
+pub async fn apply_migrations<S>(
+    database_url: &str,
+    source: S,
+) -> Result<Vec<String>, MigrationError>
+where
+    S: MigrationSource<Pg> + Send + 'static,
+{
     let url = database_url.to_owned();
     tokio::task::spawn_blocking(move || {
         let mut conn =
@@ -49,9 +75,19 @@ pub async fn run_migrations(
                     source,
                 }
             })?;
-        conn.run_pending_migrations(migrations)
-            .map(|applied| applied.len())
-            .map_err(|e| MigrationError::Apply(e.to_string()))
+        let lock = |conn: &mut AsyncConnectionWrapper<AsyncPgConnection>, sql: &str| {
+            diesel::sql_query(sql)
+                .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+                .execute(conn)
+                .map_err(|e| MigrationError::Apply(format!("migration lock: {e}")))
+        };
+        lock(&mut conn, "SELECT pg_advisory_lock($1)")?;
+        let applied = conn
+            .run_pending_migrations(source)
+            .map(|applied| applied.iter().map(ToString::to_string).collect())
+            .map_err(|e| MigrationError::Apply(e.to_string()));
+        lock(&mut conn, "SELECT pg_advisory_unlock($1)")?;
+        applied
     })
     .await
     .map_err(|e| MigrationError::Task(e.to_string()))?
@@ -66,8 +102,6 @@ pub const INBOX_SQL: (&str, &str) = (
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diesel::migration::MigrationSource;
-    use diesel::pg::Pg;
 
     #[test]
     fn the_embedded_migration_carries_the_published_name() {
