@@ -49,9 +49,8 @@ pub async fn section(
     for &clients in &args.batch_clients {
         let drained = single::drain(
             connection,
-            &args.amqp_url,
+            args,
             clients,
-            args.prefetch,
             args.batch_count,
             Some(PER_TRANSACTION),
         )

@@ -44,7 +44,7 @@ pub async fn section(
     ];
     on_scratch(
         connection,
-        &args.amqp_url,
+        args,
         "bench_plain",
         Route::Direct,
         |scratch| async move {

@@ -34,15 +34,7 @@ pub async fn section(
     connection: &Connection,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let measured = measure(
-        connection,
-        &args.amqp_url,
-        args.latency_rate,
-        args.latency_seconds,
-        args.load_concurrency,
-        args.prefetch,
-    )
-    .await?;
+    let measured = on_scratch(connection, args, "bench_latency", Route::OrderCreated, run).await?;
     let note = format!(
         "{} msgs at {:.0} msgs/s, concurrency {}, publish to COMMIT",
         measured.count, measured.rate, args.load_concurrency
@@ -80,33 +72,13 @@ pub struct Latency {
     pub rate: f64,
 }
 
-/// Publishes `rate` orders per second for `seconds` to a billing consumer with `concurrency`
-/// and `prefetch`, and measures publish-to-commit of each.
-pub async fn measure(
-    connection: &Connection,
-    amqp_url: &str,
-    rate: u32,
-    seconds: u64,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Latency> {
-    on_scratch(
-        connection,
-        amqp_url,
-        "bench_latency",
-        Route::OrderCreated,
-        |scratch| run(scratch, rate, seconds, concurrency, prefetch),
-    )
-    .await
-}
-
-async fn run(
-    scratch: Scratch<'_>,
-    rate: u32,
-    seconds: u64,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Latency> {
+/// Publishes `args.latency_rate` orders per second for `args.latency_seconds` to a billing
+/// consumer with `args.load_concurrency` and `args.prefetch`, and measures publish-to-commit of
+/// each.
+async fn run(scratch: Scratch<'_>) -> anyhow::Result<Latency> {
+    let args = scratch.args;
+    let (rate, seconds) = (args.latency_rate, args.latency_seconds);
+    let (concurrency, prefetch) = (args.load_concurrency, args.prefetch);
     let (connection, topology, name) = (scratch.connection, &scratch.topology, &scratch.name);
     let schema = billing_schema().await?;
     let (client, db_connection) = tokio_postgres::connect(schema.url(), NoTls).await?;
@@ -121,7 +93,7 @@ async fn run(
         },
     );
     let consumer = Consumer::builder(billing::create_invoice, Inbox::new(pool))
-        .amqp_url(scratch.amqp_url)
+        .amqp_url(&args.amqp_url)
         .connection_name(format!("{name}-consumer"))
         .topology(topology.clone())
         .concurrency(concurrency)

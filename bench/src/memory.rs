@@ -19,15 +19,7 @@ pub async fn section(
     connection: &Connection,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let duration = Duration::from_secs_f64(args.soak_minutes.max(0.1) * 60.0);
-    let measured = measure(
-        connection,
-        &args.amqp_url,
-        duration,
-        args.load_concurrency,
-        args.prefetch,
-    )
-    .await?;
+    let measured = on_scratch(connection, args, "bench_memory", Route::OrderCreated, run).await?;
     let note = format!(
         "{:.1} min, prefetch {}, concurrency {}, {} msgs at {:.0} msgs/s",
         args.soak_minutes, args.prefetch, args.load_concurrency, measured.processed, measured.rate
@@ -147,31 +139,12 @@ pub struct Memory {
     pub samples: Vec<Sample>,
 }
 
-/// Runs the consumer child with `prefetch` and `concurrency` for `duration`, keeping at least
-/// `2 * prefetch` messages ready in its queue.
-pub async fn measure(
-    connection: &Connection,
-    amqp_url: &str,
-    duration: Duration,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Memory> {
-    on_scratch(
-        connection,
-        amqp_url,
-        "bench_memory",
-        Route::OrderCreated,
-        |scratch| run(scratch, duration, concurrency, prefetch),
-    )
-    .await
-}
-
-async fn run(
-    scratch: Scratch<'_>,
-    duration: Duration,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Memory> {
+/// Runs the consumer child with `args.prefetch` and `args.load_concurrency` for
+/// `args.soak_minutes`, keeping at least `2 * prefetch` messages ready in its queue.
+async fn run(scratch: Scratch<'_>) -> anyhow::Result<Memory> {
+    let args = scratch.args;
+    let duration = Duration::from_secs_f64(args.soak_minutes.max(0.1) * 60.0);
+    let (concurrency, prefetch) = (args.load_concurrency, args.prefetch);
     let (connection, topology, name) = (scratch.connection, &scratch.topology, &scratch.name);
     let schema = billing_schema().await?;
     let refill = usize::from(prefetch).max(500) * 4;
@@ -184,7 +157,7 @@ async fn run(
         .args(["--exchange", topology.exchange()])
         .args(["--queue", topology.queue()])
         .args(["--database-url", schema.url()])
-        .args(["--amqp-url", scratch.amqp_url])
+        .args(["--amqp-url", &args.amqp_url])
         .args(["--concurrency", &concurrency.to_string()])
         .args(["--prefetch", &prefetch.to_string()])
         .stdin(Stdio::piped())

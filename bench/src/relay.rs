@@ -20,14 +20,7 @@ pub async fn section(
     connection: &Connection,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let figures = measure(
-        connection,
-        &args.amqp_url,
-        args.count,
-        args.relay_batch,
-        &args.relays,
-    )
-    .await?;
+    let figures = on_scratch(connection, args, "bench_relay", Route::OrderCreated, run).await?;
     let (raw, raw_cpu) = figures.raw;
     report.push(
         Row::new(
@@ -99,35 +92,16 @@ pub struct RelayFigures {
     pub relays: Vec<(usize, Duration, cpu::PerMessage)>,
 }
 
-/// Measures, on one topology and one batch of `count` `order.created.v1` events: a raw lapin
-/// publish with `window` confirms outstanding, then the relay (rows committed before the clock
-/// starts; timed until every row is marked published) with each of `instances` relays.
-pub async fn measure(
-    connection: &Connection,
-    amqp_url: &str,
-    count: usize,
-    window: usize,
-    instances: &[usize],
-) -> anyhow::Result<RelayFigures> {
-    on_scratch(
-        connection,
-        amqp_url,
-        "bench_relay",
-        Route::OrderCreated,
-        |scratch| run(scratch, count, window, instances),
-    )
-    .await
-}
-
-async fn run(
-    scratch: Scratch<'_>,
-    count: usize,
-    window: usize,
-    instances: &[usize],
-) -> anyhow::Result<RelayFigures> {
+/// Measures, on one topology and one batch of `args.count` `order.created.v1` events: a raw
+/// lapin publish with `args.relay_batch` confirms outstanding, then the relay (rows committed
+/// before the clock starts; timed until every row is marked published) with each of
+/// `args.relays` relays.
+async fn run(scratch: Scratch<'_>) -> anyhow::Result<RelayFigures> {
+    let args = scratch.args;
+    let (count, window, instances) = (args.count, args.relay_batch, &args.relays);
     let (connection, amqp_url, topology, name) = (
         scratch.connection,
-        scratch.amqp_url,
+        args.amqp_url.as_str(),
         &scratch.topology,
         &scratch.name,
     );

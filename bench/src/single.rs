@@ -24,32 +24,29 @@ pub struct Drained {
 
 /// Fills a fresh queue with `warmup + count` orders, starts the billing consumer, and times the
 /// `count` deliveries after the warm-up ones settled (connections, topology declaration and the
-/// pool's first connections are then behind it). Checks one invoice per order.
+/// pool's first connections are then behind it). Checks one invoice per order. The consumer's
+/// prefetch is `args.prefetch`.
 pub async fn drain(
     connection: &Connection,
-    amqp_url: &str,
+    args: &Args,
     concurrency: usize,
-    prefetch: u16,
     count: usize,
     batch: Option<usize>,
 ) -> anyhow::Result<Drained> {
-    on_scratch(
-        connection,
-        amqp_url,
-        "bench_single",
-        Route::OrderCreated,
-        |scratch| measure(scratch, concurrency, prefetch, count, batch),
-    )
+    let route = Route::OrderCreated;
+    on_scratch(connection, args, "bench_single", route, |scratch| {
+        measure(scratch, concurrency, count, batch)
+    })
     .await
 }
 
 async fn measure(
     scratch: Scratch<'_>,
     concurrency: usize,
-    prefetch: u16,
     count: usize,
     batch: Option<usize>,
 ) -> anyhow::Result<Drained> {
+    let prefetch = scratch.args.prefetch;
     let prefix = scratch.name.as_str();
     let warmup = (concurrency * 4).max(100);
     let total = warmup + count;
@@ -64,7 +61,7 @@ async fn measure(
         },
     );
     let mut builder = Consumer::builder(billing::create_invoice, Inbox::new(pool.clone()))
-        .amqp_url(scratch.amqp_url)
+        .amqp_url(&scratch.args.amqp_url)
         .connection_name(format!("{prefix}-consumer"))
         .topology(scratch.topology.clone())
         .concurrency(concurrency)
@@ -149,15 +146,7 @@ pub async fn section(
             ceiling_round(concurrency, count, &mut pg).await?;
         }
         if args.runs("oncely") {
-            let drained = drain(
-                connection,
-                &args.amqp_url,
-                concurrency,
-                args.prefetch,
-                count,
-                None,
-            )
-            .await?;
+            let drained = drain(connection, args, concurrency, count, None).await?;
             oncely.add(drained.count, drained.elapsed, drained.cpu);
         }
     }

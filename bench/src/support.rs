@@ -1,5 +1,6 @@
 //! What every measurement needs: connections, fresh schemas, queues, publishing the orders.
 
+use crate::Args;
 use anyhow::Context;
 use billing::{ORDER_CREATED_V1, order, order_properties};
 use lapin::options::{
@@ -61,8 +62,8 @@ pub enum Route {
 pub struct Scratch<'a> {
     /// The bench's own connection, for publishing, depths and purges.
     pub connection: &'a Connection,
-    /// RabbitMQ URL, for the consumers and publishers the measurement opens.
-    pub amqp_url: &'a str,
+    /// The bench's arguments (the broker URL among them).
+    pub args: &'a Args,
     /// Unique name of the measurement; its queue is `<name>.q`.
     pub name: String,
     /// Its exchange and queue (with [`Route::Direct`], the default exchange).
@@ -94,7 +95,7 @@ impl Scratch<'_> {
 /// for the default retry policy too), whatever `measure` returned.
 pub async fn on_scratch<'a, T, F, Fut>(
     connection: &'a Connection,
-    amqp_url: &'a str,
+    args: &'a Args,
     prefix: &str,
     route: Route,
     measure: F,
@@ -126,7 +127,7 @@ where
     };
     let result = measure(Scratch {
         connection,
-        amqp_url,
+        args,
         name,
         topology: topology.clone(),
     })
