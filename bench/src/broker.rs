@@ -1,6 +1,9 @@
 //! The broker ceiling: a plain lapin consumer that does nothing but ack, one delivery at a time.
 
+use crate::Args;
 use crate::cpu;
+use crate::report::{Report, Row};
+use crate::support::{Route, on_scratch, rate};
 use anyhow::Context;
 use futures_lite::StreamExt;
 use lapin::Connection;
@@ -15,6 +18,60 @@ pub enum Acks {
     EachAwaited,
     /// One ack with `multiple: true` every `n` deliveries (and for the last one).
     Multiple(usize),
+}
+
+/// The broker ceiling's rows: a plain lapin consumer that only acks, awaited per message and
+/// `multiple`, each draining `args.count` orders from a queue with no binding.
+pub async fn section(
+    args: &Args,
+    connection: &Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let runs = [
+        (
+            "broker_ack_each",
+            "plain lapin consumer, awaited ack per message".to_owned(),
+            Acks::EachAwaited,
+        ),
+        (
+            "broker_ack_multiple",
+            format!(
+                "plain lapin consumer, multiple ack every {}",
+                args.ack_every
+            ),
+            Acks::Multiple(args.ack_every),
+        ),
+    ];
+    on_scratch(
+        connection,
+        args,
+        "bench_plain",
+        Route::Direct,
+        |scratch| async move {
+            let queue = scratch.topology.queue();
+            for (key, label, acks) in runs {
+                scratch.publish(queue, 0..args.count).await?;
+                let (elapsed, cpu) =
+                    drain(connection, queue, args.count, args.prefetch, acks).await?;
+                report.push(
+                    Row::new(
+                        key,
+                        "broker ceiling",
+                        label,
+                        rate(args.count, elapsed),
+                        "msgs/s",
+                    )
+                    .note(format!(
+                        "prefetch {}; {}",
+                        args.prefetch,
+                        cpu.describe()
+                    )),
+                );
+            }
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// Drains `count` deliveries from `queue`; time from the first delivery to the last ack.

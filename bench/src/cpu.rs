@@ -67,6 +67,16 @@ impl PerMessage {
         }
     }
 
+    /// The figures for the JSON summary, rounded.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "client_us": self.client_us.round(),
+            "postgres_us": self.postgres_us.round(),
+            "broker_us": self.broker_us.round(),
+            "statements_per_message": (self.statements * 100.0).round() / 100.0,
+        })
+    }
+
     /// `client 120 + postgres 300 + broker 80 µs/msg`.
     pub fn describe(&self) -> String {
         let statements = if self.statements > 0.0 {

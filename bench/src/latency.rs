@@ -6,11 +6,14 @@
 //! `clock_timestamp()`. The publish time is taken just before `basic_publish`. Both clocks are
 //! this machine's.
 
-use crate::support::{billing_schema, on_scratch_topology, publish_to_topology, wait_until};
+use crate::Args;
+use crate::report::{Report, Row};
+use crate::support::{Route, Scratch, billing_schema, on_scratch, wait_until};
 use billing::{ORDER_CREATED_V1, order, order_properties};
 use lapin::Connection;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use oncely::{Consumer, Inbox, PoolOptions, Topology};
+use serde_json::json;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::NoTls;
@@ -24,6 +27,33 @@ BEGIN
 END $$;
 CREATE CONSTRAINT TRIGGER bench_commit_time AFTER INSERT ON invoices
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION bench_commit_time();";
+
+/// The latency section's rows: p50 and p99 from publish to commit at `args.latency_rate`.
+pub async fn section(
+    args: &Args,
+    connection: &Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let measured = on_scratch(connection, args, "bench_latency", Route::OrderCreated, run).await?;
+    let note = format!(
+        "{} msgs at {:.0} msgs/s, concurrency {}, publish to COMMIT",
+        measured.count, measured.rate, args.load_concurrency
+    );
+    for (key, label, value) in [
+        ("latency_p50_ms", "end-to-end latency p50", measured.p50),
+        ("latency_p99_ms", "end-to-end latency p99", measured.p99),
+    ] {
+        report.push(Row::new(key, "latency", label, value, "ms").note(note.clone()));
+    }
+    report.set(
+        "latency",
+        json!({
+            "count": measured.count, "rate": measured.rate, "p50_ms": measured.p50,
+            "p90_ms": measured.p90, "p99_ms": measured.p99, "max_ms": measured.max,
+        }),
+    );
+    Ok(())
+}
 
 /// Latency percentiles, in milliseconds.
 #[derive(Debug, Clone, Copy)]
@@ -42,43 +72,14 @@ pub struct Latency {
     pub rate: f64,
 }
 
-/// Publishes `rate` orders per second for `seconds` to a billing consumer with `concurrency`
-/// and `prefetch`, and measures publish-to-commit of each.
-pub async fn measure(
-    connection: &Connection,
-    amqp_url: &str,
-    rate: u32,
-    seconds: u64,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Latency> {
-    on_scratch_topology(connection, "bench_latency", |topology, name| async move {
-        run(
-            connection,
-            amqp_url,
-            &topology,
-            &name,
-            rate,
-            seconds,
-            concurrency,
-            prefetch,
-        )
-        .await
-    })
-    .await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    connection: &Connection,
-    amqp_url: &str,
-    topology: &Topology,
-    name: &str,
-    rate: u32,
-    seconds: u64,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Latency> {
+/// Publishes `args.latency_rate` orders per second for `args.latency_seconds` to a billing
+/// consumer with `args.load_concurrency` and `args.prefetch`, and measures publish-to-commit of
+/// each.
+async fn run(scratch: Scratch<'_>) -> anyhow::Result<Latency> {
+    let args = scratch.args;
+    let (rate, seconds) = (args.latency_rate, args.latency_seconds);
+    let (concurrency, prefetch) = (args.load_concurrency, args.prefetch);
+    let (connection, topology, name) = (scratch.connection, &scratch.topology, &scratch.name);
     let schema = billing_schema().await?;
     let (client, db_connection) = tokio_postgres::connect(schema.url(), NoTls).await?;
     tokio::spawn(db_connection);
@@ -92,7 +93,7 @@ async fn run(
         },
     );
     let consumer = Consumer::builder(billing::create_invoice, Inbox::new(pool))
-        .amqp_url(amqp_url)
+        .amqp_url(&args.amqp_url)
         .connection_name(format!("{name}-consumer"))
         .topology(topology.clone())
         .concurrency(concurrency)
@@ -101,7 +102,7 @@ async fn run(
         .expect("valid consumer settings")
         .spawn();
     let warmup = 100;
-    publish_to_topology(connection, topology, &format!("{name}_warm"), 0..warmup).await?;
+    scratch.publish(&format!("{name}_warm"), 0..warmup).await?;
     wait_until("latency warm-up", Duration::from_secs(120), || {
         consumer.stats().settled() as usize >= warmup
     })

@@ -2,14 +2,67 @@
 //! binary, `consumer-child`), its queue kept full, and its RSS read from `/proc/<pid>/status`
 //! once a second.
 
-use crate::support::{billing_schema, on_scratch_topology, publish_to_topology, queue_depth};
+use crate::Args;
+use crate::report::{Report, Row};
+use crate::support::{Route, Scratch, billing_schema, on_scratch, queue_depth};
 use billing::ORDER_CREATED_V1;
 use lapin::Connection;
 use oncely::{Consumer, Inbox, PoolOptions, Topology};
+use serde_json::json;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
+/// The memory section's rows: the consumer child's peak RSS under load and its growth.
+pub async fn section(
+    args: &Args,
+    connection: &Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let measured = on_scratch(connection, args, "bench_memory", Route::OrderCreated, run).await?;
+    let note = format!(
+        "{:.1} min, prefetch {}, concurrency {}, {} msgs at {:.0} msgs/s",
+        args.soak_minutes, args.prefetch, args.load_concurrency, measured.processed, measured.rate
+    );
+    report.push(
+        Row::new(
+            "consumer_peak_rss_mib",
+            "memory",
+            "consumer peak RSS (VmHWM) under load",
+            measured.peak_mib,
+            "MiB",
+        )
+        .note(format!("target < 64 MiB; {note}")),
+    );
+    report.push(
+        Row::new(
+            "consumer_rss_growth_mib",
+            "memory",
+            "RSS growth, last fifth vs second fifth of the run",
+            measured.late_mib - measured.early_mib,
+            "MiB",
+        )
+        .note(format!(
+            "{:.1} -> {:.1} MiB; flat means about 0",
+            measured.early_mib, measured.late_mib
+        )),
+    );
+    let samples: Vec<_> = measured
+        .samples
+        .iter()
+        .map(|s| {
+            json!([
+                (s.at * 10.0).round() / 10.0,
+                (s.rss_mib * 10.0).round() / 10.0
+            ])
+        })
+        .collect();
+    report.set(
+        "memory",
+        json!({ "samples_s_mib": samples, "peak_mib": measured.peak_mib }),
+    );
+    Ok(())
+}
 /// What the child consumer is given.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChildArgs {
@@ -86,43 +139,17 @@ pub struct Memory {
     pub samples: Vec<Sample>,
 }
 
-/// Runs the consumer child with `prefetch` and `concurrency` for `duration`, keeping at least
-/// `2 * prefetch` messages ready in its queue.
-pub async fn measure(
-    connection: &Connection,
-    amqp_url: &str,
-    duration: Duration,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Memory> {
-    on_scratch_topology(connection, "bench_memory", |topology, name| async move {
-        run(
-            connection,
-            amqp_url,
-            &topology,
-            &name,
-            duration,
-            concurrency,
-            prefetch,
-        )
-        .await
-    })
-    .await
-}
-
-async fn run(
-    connection: &Connection,
-    amqp_url: &str,
-    topology: &Topology,
-    name: &str,
-    duration: Duration,
-    concurrency: usize,
-    prefetch: u16,
-) -> anyhow::Result<Memory> {
+/// Runs the consumer child with `args.prefetch` and `args.load_concurrency` for
+/// `args.soak_minutes`, keeping at least `2 * prefetch` messages ready in its queue.
+async fn run(scratch: Scratch<'_>) -> anyhow::Result<Memory> {
+    let args = scratch.args;
+    let duration = Duration::from_secs_f64(args.soak_minutes.max(0.1) * 60.0);
+    let (concurrency, prefetch) = (args.load_concurrency, args.prefetch);
+    let (connection, topology, name) = (scratch.connection, &scratch.topology, &scratch.name);
     let schema = billing_schema().await?;
     let refill = usize::from(prefetch).max(500) * 4;
     let mut published = 0;
-    publish_to_topology(connection, topology, name, 0..refill).await?;
+    scratch.publish(name, 0..refill).await?;
     published += refill;
 
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
@@ -130,7 +157,7 @@ async fn run(
         .args(["--exchange", topology.exchange()])
         .args(["--queue", topology.queue()])
         .args(["--database-url", schema.url()])
-        .args(["--amqp-url", amqp_url])
+        .args(["--amqp-url", &args.amqp_url])
         .args(["--concurrency", &concurrency.to_string()])
         .args(["--prefetch", &prefetch.to_string()])
         .stdin(Stdio::piped())
@@ -157,7 +184,7 @@ async fn run(
             next_sample += Duration::from_secs(1);
         }
         if (queue_depth(connection, topology.queue()).await? as usize) < refill / 2 {
-            publish_to_topology(connection, topology, name, published..published + refill).await?;
+            scratch.publish(name, published..published + refill).await?;
             published += refill;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,16 +1,84 @@
 //! Outbox relay against a raw pipelined confirmed publish of the same messages.
 
-use crate::cpu;
-use crate::support::{on_scratch_topology, queue_depth};
+use crate::report::{Report, Row};
+use crate::support::{Route, Scratch, counted, on_scratch, queue_depth, rate};
+use crate::{Args, cpu};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use lapin::{BasicProperties, Connection};
 use oncely::outbox::{NewOutboxMessage, Relay, RelayOptions, enqueue_many};
 use oncely::testing::TestSchema;
-use oncely::{OutgoingMessage, PoolOptions, Publisher, PublisherOptions, Topology};
+use oncely::{OutgoingMessage, PoolOptions, Publisher, PublisherOptions};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// The relay section's rows: the raw publish, oncely's publisher and the relay with each
+/// number of instances, on the same `args.count` events.
+pub async fn section(
+    args: &Args,
+    connection: &Connection,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let figures = on_scratch(connection, args, "bench_relay", Route::OrderCreated, run).await?;
+    let (raw, raw_cpu) = figures.raw;
+    report.push(
+        Row::new(
+            "raw_confirmed_publish",
+            "broker ceiling",
+            "raw pipelined confirmed publish",
+            rate(args.count, raw),
+            "msgs/s",
+        )
+        .note(format!(
+            "lapin, {} confirms outstanding, persistent, mandatory; {}",
+            args.relay_batch,
+            raw_cpu.describe()
+        )),
+    );
+    let (publisher, publisher_cpu) = figures.publisher;
+    report.push(
+        Row::new(
+            "publisher_batch",
+            "oncely",
+            "Publisher::publish_batch from memory (the relay's publish step)",
+            rate(args.count, publisher),
+            "msgs/s",
+        )
+        .against("raw_confirmed_publish")
+        .note(format!(
+            "batches of {}; {}",
+            args.relay_batch,
+            publisher_cpu.describe()
+        )),
+    );
+    let mut cpu = serde_json::Map::new();
+    cpu.insert("raw".into(), raw_cpu.json());
+    cpu.insert("publisher_batch".into(), publisher_cpu.json());
+    for (instances, elapsed, relay_cpu) in figures.relays {
+        report.push(
+            Row::new(
+                format!("relay_x{instances}"),
+                "oncely",
+                format!(
+                    "outbox relay, {}",
+                    counted(instances, "instance", "instances")
+                ),
+                rate(args.count, elapsed),
+                "rows/s",
+            )
+            .against("raw_confirmed_publish")
+            .note(format!(
+                "committed rows to confirmed and marked, batch {}; {}",
+                args.relay_batch,
+                relay_cpu.describe()
+            )),
+        );
+        cpu.insert(format!("relay_x{instances}"), relay_cpu.json());
+    }
+    report.set("cpu_per_message_relay", serde_json::Value::Object(cpu));
+    Ok(())
+}
 
 /// Relay and raw publish figures of one run.
 #[derive(Debug, Clone)]
@@ -24,34 +92,19 @@ pub struct RelayFigures {
     pub relays: Vec<(usize, Duration, cpu::PerMessage)>,
 }
 
-/// Measures, on one topology and one batch of `count` `order.created.v1` events: a raw lapin
-/// publish with `window` confirms outstanding, then the relay (rows committed before the clock
-/// starts; timed until every row is marked published) with each of `instances` relays.
-pub async fn measure(
-    connection: &Connection,
-    amqp_url: &str,
-    count: usize,
-    window: usize,
-    instances: &[usize],
-) -> anyhow::Result<RelayFigures> {
-    on_scratch_topology(connection, "bench_relay", |topology, name| async move {
-        run(
-            connection, amqp_url, &topology, &name, count, window, instances,
-        )
-        .await
-    })
-    .await
-}
-
-async fn run(
-    connection: &Connection,
-    amqp_url: &str,
-    topology: &Topology,
-    name: &str,
-    count: usize,
-    window: usize,
-    instances: &[usize],
-) -> anyhow::Result<RelayFigures> {
+/// Measures, on one topology and one batch of `args.count` `order.created.v1` events: a raw
+/// lapin publish with `args.relay_batch` confirms outstanding, then the relay (rows committed
+/// before the clock starts; timed until every row is marked published) with each of
+/// `args.relays` relays.
+async fn run(scratch: Scratch<'_>) -> anyhow::Result<RelayFigures> {
+    let args = scratch.args;
+    let (count, window, instances) = (args.count, args.relay_batch, &args.relays);
+    let (connection, amqp_url, topology, name) = (
+        scratch.connection,
+        args.amqp_url.as_str(),
+        &scratch.topology,
+        &scratch.name,
+    );
     let events: Vec<NewOutboxMessage> = (0..count)
         .map(|n| order_service::order_created(&order_service::order(name, n), topology.exchange()))
         .collect::<Result<_, _>>()?;

@@ -1,5 +1,6 @@
 //! What every measurement needs: connections, fresh schemas, queues, publishing the orders.
 
+use crate::Args;
 use anyhow::Context;
 use billing::{ORDER_CREATED_V1, order, order_properties};
 use lapin::options::{
@@ -22,6 +23,11 @@ pub fn rate(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// `1 client`, `4 clients`: `n` and the noun that goes with it.
+pub fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// A named AMQP connection, so the broker's connection list shows what it is.
 pub async fn amqp(url: &str, name: &str) -> anyhow::Result<Connection> {
     Connection::connect(
@@ -41,23 +47,105 @@ pub async fn billing_schema() -> anyhow::Result<TestSchema> {
     Ok(schema)
 }
 
-/// A durable queue with no binding, for the plain lapin baselines (published to through the
-/// default exchange).
-pub async fn declare_plain_queue(connection: &Connection, queue: &str) -> anyhow::Result<()> {
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
+/// How the messages of a scratch queue reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Through an exchange of its own bound to `order.created.v1`, as the consumers' queues.
+    OrderCreated,
+    /// Straight through the default exchange: a durable queue with no binding, for the plain
+    /// lapin baselines.
+    Direct,
+}
+
+/// What one measurement runs on: a fresh queue (and exchange) on the bench's connection.
+#[derive(Debug, Clone)]
+pub struct Scratch<'a> {
+    /// The bench's own connection, for publishing, depths and purges.
+    pub connection: &'a Connection,
+    /// The bench's arguments (the broker URL among them).
+    pub args: &'a Args,
+    /// Unique name of the measurement; its queue is `<name>.q`.
+    pub name: String,
+    /// Its exchange and queue (with [`Route::Direct`], the default exchange).
+    pub topology: Topology,
+}
+
+impl Scratch<'_> {
+    /// Publishes orders `<prefix>-<n>` for `range` to the scratch queue, as [`publish_orders`]
+    /// does.
+    pub async fn publish(&self, prefix: &str, range: Range<usize>) -> anyhow::Result<()> {
+        let routing_key = if self.topology.exchange().is_empty() {
+            self.topology.queue()
+        } else {
+            ORDER_CREATED_V1
+        };
+        publish_orders(
+            self.connection,
+            self.topology.exchange(),
+            routing_key,
+            prefix,
+            range,
         )
-        .await?;
-    let _ = channel.close(200, "declared".into()).await;
-    Ok(())
+        .await
+    }
+}
+
+/// Runs `measure` on a fresh queue reached by `route` and named after `prefix`, then deletes
+/// what was declared (with [`Route::OrderCreated`], the delay queues the consumer builder adds
+/// for the default retry policy too), whatever `measure` returned.
+pub async fn on_scratch<'a, T, F, Fut>(
+    connection: &'a Connection,
+    args: &'a Args,
+    prefix: &str,
+    route: Route,
+    measure: F,
+) -> anyhow::Result<T>
+where
+    F: FnOnce(Scratch<'a>) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let name = unique_name(prefix);
+    let queue = format!("{name}.q");
+    let topology = match route {
+        Route::OrderCreated => {
+            let topology = Topology::new(format!("oncely.{name}"), queue).bind(ORDER_CREATED_V1);
+            topology.declare(connection).await?;
+            topology
+        }
+        Route::Direct => {
+            let channel = connection.create_channel().await?;
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let _ = channel.close(200, "declared".into()).await;
+            Topology::new("", queue)
+        }
+    };
+    let result = measure(Scratch {
+        connection,
+        args,
+        name,
+        topology: topology.clone(),
+    })
+    .await;
+    match route {
+        Route::OrderCreated => {
+            let _ = topology
+                .retry_tiers(oncely::RetryPolicy::default().tiers())
+                .delete(connection)
+                .await;
+        }
+        Route::Direct => delete_queue(connection, topology.queue()).await,
+    }
+    result
 }
 
 /// Deletes a queue (a missing one is fine).
-pub async fn delete_queue(connection: &Connection, queue: &str) {
+async fn delete_queue(connection: &Connection, queue: &str) {
     let Ok(channel) = connection.create_channel().await else {
         return;
     };
@@ -65,30 +153,6 @@ pub async fn delete_queue(connection: &Connection, queue: &str) {
         .queue_delete(queue.into(), QueueDeleteOptions::default())
         .await;
     let _ = channel.close(200, "cleaned up".into()).await;
-}
-
-/// Runs `measure` on a fresh topology bound to `order.created.v1` and named after `prefix`
-/// (it gets the topology and the unique name), then deletes the topology, with the delay
-/// queues the consumer builder adds for the default retry policy, whatever `measure` returned.
-pub async fn on_scratch_topology<T, F, Fut>(
-    connection: &Connection,
-    prefix: &str,
-    measure: F,
-) -> anyhow::Result<T>
-where
-    F: FnOnce(Topology, String) -> Fut,
-    Fut: Future<Output = anyhow::Result<T>>,
-{
-    let name = unique_name(prefix);
-    let topology =
-        Topology::new(format!("oncely.{name}"), format!("{name}.q")).bind(ORDER_CREATED_V1);
-    topology.declare(connection).await?;
-    let result = measure(topology.clone(), name).await;
-    let _ = topology
-        .retry_tiers(oncely::RetryPolicy::default().tiers())
-        .delete(connection)
-        .await;
-    result
 }
 
 /// Publishes orders `<prefix>-<n>` for `range` as the order service does (same body and
@@ -137,23 +201,6 @@ async fn settle(confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
         .context("no confirm in 30 s")??;
     anyhow::ensure!(confirmation.is_ack(), "broker refused a bench message");
     Ok(())
-}
-
-/// Publishes billing orders to an oncely topology's exchange.
-pub async fn publish_to_topology(
-    connection: &Connection,
-    topology: &Topology,
-    prefix: &str,
-    range: Range<usize>,
-) -> anyhow::Result<()> {
-    publish_orders(
-        connection,
-        topology.exchange(),
-        ORDER_CREATED_V1,
-        prefix,
-        range,
-    )
-    .await
 }
 
 /// Messages ready in `queue`.

@@ -1,6 +1,8 @@
 //! The faults the drill injects, when, and how.
 
 use crate::fleet::Role;
+use crate::note;
+use crate::plan::{Plan, Setup};
 use rand::Rng;
 use rand::seq::SliceRandom;
 use std::time::Duration;
@@ -253,4 +255,163 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| e.to_string())?
+}
+
+/// Starts `fault`. Returns the task that finishes it (a restart, an alarm lifted), or None when
+/// it could not be injected (said on the console).
+pub async fn inject(
+    fault: Fault,
+    progress: f64,
+    tty: bool,
+    plan: &Plan,
+    setup: &Setup,
+) -> Option<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let (fleet, proxies, pool) = (&setup.fleet, &setup.proxies[..], &setup.pool);
+    let (app_name, connection_prefix) = (&setup.app_name, &plan.connection_prefix);
+    let at = format!("at {:.0}%", progress * 100.0);
+    let done = || Some(tokio::spawn(async { anyhow::Ok(()) }));
+    match fault {
+        Fault::Kill { role, down } => {
+            if !fleet.kill(role).await {
+                return None;
+            }
+            note(
+                tty,
+                &format!(
+                    "SIGKILL {} {at} (back in {:.1} s)",
+                    role.name(),
+                    down.as_secs_f64()
+                ),
+            );
+            let fleet = fleet.clone();
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(down).await;
+                fleet.start(role, false).await.map(|_| ())
+            }))
+        }
+        Fault::CutConnections => {
+            // rabbitmqctl takes seconds: in the background, so the counters keep moving.
+            let prefix = connection_prefix.to_owned();
+            note(
+                tty,
+                &format!("closing the services' broker connections {at}"),
+            );
+            Some(tokio::spawn(async move {
+                let closed = tokio::task::spawn_blocking(move || {
+                    oncely_example_messages::close_connections_where(
+                        |name| {
+                            name.starts_with(&prefix)
+                                && !name.ends_with("publisher")
+                                && !name.ends_with("observer")
+                        },
+                        "oncely drill: broker closed the connection",
+                    )
+                })
+                .await??;
+                anyhow::ensure!(closed > 0, "no broker connection of the services was found");
+                Ok(())
+            }))
+        }
+        Fault::BrokerRestart => {
+            note(tty, &format!("RabbitMQ stop_app {at}, start_app in 3 s"));
+            Some(tokio::spawn(async {
+                restart_broker(Duration::from_secs(3))
+                    .await
+                    .map_err(anyhow::Error::msg)
+            }))
+        }
+        Fault::MemoryAlarm(length) => {
+            note(
+                tty,
+                &format!(
+                    "memory alarm {at} for {} s: publishers blocked",
+                    length.as_secs()
+                ),
+            );
+            Some(tokio::spawn(async move {
+                memory_alarm(length).await.map_err(anyhow::Error::msg)
+            }))
+        }
+        Fault::PgTerminate => {
+            let terminated = async {
+                let mut conn = pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                terminate_backends(&mut conn, app_name).await
+            }
+            .await;
+            match terminated {
+                Ok(count) => {
+                    note(tty, &format!("terminated {count} PostgreSQL backends {at}"));
+                    done()
+                }
+                Err(e) => {
+                    note(tty, &format!("could not terminate backends: {e:#}"));
+                    None
+                }
+            }
+        }
+        Fault::PgRestart => {
+            note(tty, &format!("PostgreSQL restart {at}"));
+            Some(tokio::spawn(async {
+                restart_postgres().await.map_err(anyhow::Error::msg)
+            }))
+        }
+        Fault::Latency(latency) => {
+            for p in proxies {
+                p.set_latency(latency);
+            }
+            note(
+                tty,
+                &format!("network latency {} ms {at}", latency.as_millis()),
+            );
+            done()
+        }
+        Fault::ProxyCut => {
+            for p in proxies {
+                p.cut_all();
+            }
+            note(tty, &format!("cut every network connection {at}"));
+            done()
+        }
+        Fault::BlackHole(length) => {
+            for p in proxies {
+                p.set_black_hole(true);
+            }
+            note(
+                tty,
+                &format!(
+                    "black-holed every network connection {at} for {} s",
+                    length.as_secs()
+                ),
+            );
+            let proxies = proxies.to_vec();
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(length).await;
+                for p in &proxies {
+                    p.cut_all();
+                    p.set_black_hole(false);
+                }
+                anyhow::Ok(())
+            }))
+        }
+    }
+}
+
+async fn terminate_backends(
+    conn: &mut diesel_async::AsyncPgConnection,
+    app_name: &str,
+) -> anyhow::Result<i64> {
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let c: Count = diesel::sql_query(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind::<diesel::sql_types::Text, _>(app_name)
+    .get_result(conn)
+    .await?;
+    Ok(c.n)
 }

@@ -58,6 +58,7 @@ pub struct Fleet {
     log_dir: PathBuf,
     env: Vec<(String, String)>,
     args: HashMap<Role, Vec<String>>,
+    role_env: HashMap<Role, Vec<(String, String)>>,
     running: tokio::sync::Mutex<HashMap<Role, Child>>,
     incarnations: Mutex<HashMap<Role, u32>>,
     stats: Arc<Mutex<StatsByIncarnation>>,
@@ -88,6 +89,7 @@ impl Fleet {
             log_dir: log_dir.to_owned(),
             env,
             args: HashMap::new(),
+            role_env: HashMap::new(),
             running: tokio::sync::Mutex::default(),
             incarnations: Mutex::default(),
             stats: Arc::default(),
@@ -97,6 +99,11 @@ impl Fleet {
     /// The command line of `role` (after the binary).
     pub fn set_args(&mut self, role: Role, args: Vec<String>) {
         self.args.insert(role, args);
+    }
+
+    /// Environment variables of `role` only, set over the fleet's own.
+    pub fn set_env(&mut self, role: Role, env: Vec<(String, String)>) {
+        self.role_env.insert(role, env);
     }
 
     /// Where `role` logs.
@@ -123,6 +130,13 @@ impl Fleet {
         command
             .args(self.args.get(&role).into_iter().flatten())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(
+                self.role_env
+                    .get(&role)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k, v)),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log.try_clone()?)

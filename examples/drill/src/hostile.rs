@@ -47,6 +47,13 @@ use Fate::{DeadLetter, Processed};
 /// id is outside the run's prefix (`hostile-<prefix>-<n>`), so that the only thing wrong with
 /// them is what is named, and a wrongly processed one shows without touching the order counts.
 pub fn messages(prefix: &str) -> Vec<Hostile> {
+    let mut out = broken(prefix);
+    out.extend(odd_headers(prefix, out.len()));
+    out
+}
+
+/// Messages with something wrong in their properties or body, each with its fate.
+fn broken(prefix: &str) -> Vec<Hostile> {
     let mut out = Vec::new();
     let mut add = |what: &str,
                    message_id: Vec<u8>,
@@ -179,9 +186,12 @@ pub fn messages(prefix: &str) -> Vec<Hostile> {
         &|_| {},
         Some(br#"{"greeting":"not an order","items":[1,2,3]}"#.to_vec()),
     );
+    out
+}
 
-    // Valid orders with header values of every odd type, in a header the contract does not
-    // read: processed like any other order.
+/// Valid orders with header values of every odd type, in a header the contract does not read:
+/// processed like any other order. Their markers are numbered from `first`.
+fn odd_headers(prefix: &str, first: usize) -> Vec<Hostile> {
     let odd: [(&str, RawValue); 6] = [
         ("decimal (D)", RawValue::Decimal(2, 12_345)),
         ("timestamp (T)", RawValue::Timestamp(1_700_000_000)),
@@ -207,9 +217,10 @@ pub fn messages(prefix: &str) -> Vec<Hostile> {
             ]),
         ),
     ];
+    let mut out = Vec::new();
     for (i, (kind, value)) in odd.into_iter().enumerate() {
         let order = oncely_example_messages::sample_order(&format!("{prefix}-odd"), i);
-        let marker = format!("{prefix}-hostile-{}", out.len());
+        let marker = format!("{prefix}-hostile-{}", first + i);
         let mut properties = order_properties(order.message_id().into_bytes());
         properties.headers = Some(
             RawTable::default()
