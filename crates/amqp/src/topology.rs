@@ -29,8 +29,9 @@ pub const BROKER_DELIVERY_LIMIT_MARGIN: u32 = 10;
 /// dead-letters at the first return with it, and without any value 4.x applies 20.)
 pub const NO_DELIVERY_LIMIT: i32 = i32::MAX;
 
-/// Classic or quorum queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Classic or quorum queue; `"classic"` or `"quorum"` in a configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QueueType {
     /// A classic durable queue.
     #[default]

@@ -25,8 +25,9 @@
 //!
 //! Environment overrides: `AMQP_URL` and `DATABASE_URL` for the connections, and
 //! `ONCELY_<CONSUMER>_<KEY>` for a consumer's key (`ONCELY_BILLING_CONCURRENCY=4`; the consumer
-//! name upper-cased, other characters than letters and digits as `_`). Every error names the key
-//! (or variable) at fault.
+//! name upper-cased, other characters than letters and digits as `_`); every key of a section has
+//! its variable, as both come from one serde-derived type. Every error names the key (or
+//! variable) at fault.
 
 use crate::{QueueType, RetryPolicy, Topology};
 use oncely_amqp::{
@@ -79,48 +80,92 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
+struct File {
     #[serde(default)]
-    connections: RawConnections,
+    connections: Connections,
     #[serde(default)]
-    consumers: BTreeMap<String, RawConsumer>,
+    consumers: BTreeMap<String, ConsumerSection>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConnections {
-    amqp_url: Option<String>,
-    database_url: Option<String>,
-}
-
+/// One `[consumers.<name>]` section as written. Its fields are the file's keys and, upper-cased,
+/// the `ONCELY_<CONSUMER>_<KEY>` variables ([`field_names`]); the values have the runtime's
+/// types (durations through humantime-serde, [`QueueType`] by its lower-case name). A key left
+/// out is `None`: its default is the runtime's, applied in [`check_consumer`] because some
+/// depend on other keys (strict order and batched mode change the prefetch and concurrency).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConsumer {
+struct ConsumerSection {
     queue: String,
     exchange: String,
     #[serde(default)]
     bindings: Vec<String>,
     prefetch: Option<u16>,
     concurrency: Option<usize>,
-    queue_type: Option<String>,
+    #[serde(default)]
+    queue_type: QueueType,
     delivery_limit: Option<u32>,
     max_attempts: Option<u32>,
-    retry_tiers: Option<Vec<String>>,
-    handler_timeout: Option<String>,
-    max_delay: Option<String>,
+    retry_tiers: Option<Vec<humantime_serde::Serde<Duration>>>,
+    #[serde(default, with = "humantime_serde")]
+    handler_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_delay: Option<Duration>,
     #[serde(default)]
     strict_order: bool,
     batch_size: Option<usize>,
-    batch_wait: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    batch_wait: Option<Duration>,
 }
 
-/// Connection settings. `Debug` shows the URLs without their passwords.
-#[derive(Clone, PartialEq, Eq)]
+/// The field names serde's derive gives `T` (the keys `deny_unknown_fields` accepts), read by
+/// asking `T` to deserialize itself from a deserializer that only notes them.
+fn field_names<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor, value};
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Fields<'_> {
+        type Error = value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, value::Error> {
+            Err(value::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, value::Error> {
+            *self.0 = fields;
+            Err(value::Error::custom("only the field names were asked for"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
+}
+
+/// Connection settings, the `[connections]` section. `Debug` shows the URLs without their
+/// passwords.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Connections {
     /// RabbitMQ URL.
     pub amqp_url: String,
     /// PostgreSQL URL.
     pub database_url: String,
+}
+
+impl Default for Connections {
+    /// The documented defaults: the broker and the database of a development machine.
+    fn default() -> Self {
+        Connections {
+            amqp_url: LOCAL_AMQP_URL.to_owned(),
+            database_url: "postgres://postgres@127.0.0.1:5432/oncely".to_owned(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Connections {
@@ -193,18 +238,17 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string(),
         })?;
-        apply_env(&mut table, &env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
-        let connections = Connections {
-            amqp_url: env("AMQP_URL")
-                .or(raw.connections.amqp_url)
-                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
-            database_url: env("DATABASE_URL")
-                .or(raw.connections.database_url)
-                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/oncely".to_owned()),
-        };
-        let consumers = raw
+        apply_env(&mut table, &env);
+        let file: File = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| invalid(e.path().to_string(), problem(e.inner())))?;
+        let mut connections = file.connections;
+        if let Some(url) = env("AMQP_URL") {
+            connections.amqp_url = url;
+        }
+        if let Some(url) = env("DATABASE_URL") {
+            connections.database_url = url;
+        }
+        let consumers = file
             .consumers
             .into_iter()
             .map(|(name, c)| check_consumer(&name, c).map(|s| (name, s)))
@@ -237,36 +281,17 @@ fn env_prefix(consumer: &str) -> String {
     format!("ONCELY_{upper}_")
 }
 
-const CONSUMER_KEYS: [&str; 14] = [
-    "queue",
-    "exchange",
-    "bindings",
-    "prefetch",
-    "concurrency",
-    "queue_type",
-    "delivery_limit",
-    "max_attempts",
-    "retry_tiers",
-    "handler_timeout",
-    "max_delay",
-    "strict_order",
-    "batch_size",
-    "batch_wait",
-];
-
 /// `ONCELY_<CONSUMER>_<KEY>` values, read as TOML values (`4`, `true`, `["1s"]`) or as strings.
-fn apply_env(
-    table: &mut toml::Table,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<(), ConfigError> {
+/// Every key of a section has one: the keys are [`ConsumerSection`]'s field names.
+fn apply_env(table: &mut toml::Table, env: &impl Fn(&str) -> Option<String>) {
     let Some(toml::Value::Table(consumers)) = table.get_mut("consumers") else {
-        return Ok(());
+        return;
     };
     for (name, section) in consumers.iter_mut() {
         let toml::Value::Table(section) = section else {
             continue;
         };
-        for key in CONSUMER_KEYS {
+        for &key in field_names::<ConsumerSection>() {
             let var = format!("{}{}", env_prefix(name), key.to_ascii_uppercase());
             if let Some(raw) = env(&var) {
                 let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
@@ -277,19 +302,18 @@ fn apply_env(
             }
         }
     }
-    Ok(())
 }
 
-fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(text).map_err(|e| {
-        invalid(
-            key,
-            format!("{text:?} is not a duration ({e}); write e.g. \"30s\" or \"5m\""),
-        )
-    })
+/// serde's text for a bad value, with the form expected where the value is a duration.
+fn problem(error: &toml::de::Error) -> String {
+    error.to_string().replacen(
+        "expected a duration",
+        "expected a duration such as \"30s\", \"5m\" or \"1h 30m\"",
+        1,
+    )
 }
 
-fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, ConfigError> {
+fn check_consumer(name: &str, raw: ConsumerSection) -> Result<ConsumerSettings, ConfigError> {
     let key = |k: &str| format!("consumers.{name}.{k}");
     for (k, v) in [("queue", &raw.queue), ("exchange", &raw.exchange)] {
         if v.trim().is_empty() || v.len() > 255 {
@@ -302,17 +326,13 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
     let concurrency = raw
         .concurrency
         .unwrap_or(if strict { 1 } else { DEFAULT_CONCURRENCY });
-    let batch_wait = raw
-        .batch_wait
-        .as_deref()
-        .map(|t| duration(&key("batch_wait"), t))
-        .transpose()?
-        .unwrap_or(Duration::from_millis(20));
-    let batch = raw.batch_size.filter(|n| *n > 0).map(|n| (n, batch_wait));
-    let batch_options = batch.map(|(max_messages, max_wait)| BatchOptions {
-        max_messages,
-        max_wait,
-    });
+    let batch_options = raw
+        .batch_size
+        .filter(|n| *n > 0)
+        .map(|max_messages| BatchOptions {
+            max_messages,
+            max_wait: raw.batch_wait.unwrap_or(Duration::from_millis(20)),
+        });
     let prefetch = raw.prefetch.unwrap_or(match (strict, batch_options) {
         (true, _) => 1,
         (false, Some(batch)) => batch.prefetch_for(concurrency),
@@ -326,33 +346,18 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
     options
         .validate()
         .map_err(|e| invalid(key(e.setting), e.problem))?;
-    let queue_type = match raw.queue_type.as_deref().unwrap_or("classic") {
-        "classic" => QueueType::Classic,
-        "quorum" => QueueType::Quorum,
-        other => {
-            return Err(invalid(
-                key("queue_type"),
-                format!("{other:?} is neither \"classic\" nor \"quorum\""),
-            ));
-        }
-    };
-    if raw.delivery_limit.is_some() && queue_type != QueueType::Quorum {
+    if raw.delivery_limit.is_some() && raw.queue_type != QueueType::Quorum {
         return Err(invalid(
             key("delivery_limit"),
             "only quorum queues support x-delivery-limit; set queue_type = \"quorum\"",
         ));
     }
-    let tiers = match &raw.retry_tiers {
-        Some(tiers) => tiers
-            .iter()
-            .enumerate()
-            .map(|(i, t)| duration(&format!("{}[{i}]", key("retry_tiers")), t))
-            .collect::<Result<Vec<_>, _>>()?,
-        None => RetryPolicy::default().tiers().to_vec(),
+    let defaults = RetryPolicy::default();
+    let tiers = match raw.retry_tiers {
+        Some(tiers) => tiers.into_iter().map(|t| t.into_inner()).collect(),
+        None => defaults.tiers().to_vec(),
     };
-    let max_attempts = raw
-        .max_attempts
-        .unwrap_or(RetryPolicy::default().max_attempts());
+    let max_attempts = raw.max_attempts.unwrap_or(defaults.max_attempts());
     let retry_policy = RetryPolicy::try_new(max_attempts, tiers.clone()).map_err(|e| {
         let k = if max_attempts == 0 {
             "max_attempts"
@@ -361,20 +366,10 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
         };
         invalid(key(k), e.to_string())
     })?;
-    let handler_timeout = raw
-        .handler_timeout
-        .as_deref()
-        .map(|t| duration(&key("handler_timeout"), t))
-        .transpose()?;
-    let max_delay = raw
-        .max_delay
-        .as_deref()
-        .map(|t| duration(&key("max_delay"), t))
-        .transpose()?;
     let mut topology = Topology::new(raw.exchange, raw.queue)
-        .queue_type(queue_type)
+        .queue_type(raw.queue_type)
         .retry_tiers(&tiers)
-        .single_active_consumer(raw.strict_order);
+        .single_active_consumer(strict);
     for binding in raw.bindings {
         topology = topology.bind(binding);
     }
@@ -387,10 +382,10 @@ fn check_consumer(name: &str, raw: RawConsumer) -> Result<ConsumerSettings, Conf
         prefetch,
         concurrency,
         retry_policy,
-        handler_timeout,
-        max_delay,
-        strict_order: raw.strict_order,
-        batch,
+        handler_timeout: raw.handler_timeout,
+        max_delay: raw.max_delay,
+        strict_order: strict,
+        batch: batch_options.map(|b| (b.max_messages, b.max_wait)),
     })
 }
 
@@ -571,5 +566,80 @@ mod tests {
             error_key(&format!("{GOOD}\nbatch_size = 10\nbatch_wait = \"soon\"\n")),
             "consumers.billing.batch_wait"
         );
+    }
+
+    #[test]
+    fn every_consumer_key_can_be_overridden_from_the_environment() {
+        let keys = field_names::<ConsumerSection>();
+        assert!(
+            keys.contains(&"queue") && keys.contains(&"batch_wait"),
+            "{keys:?}"
+        );
+        for key in keys {
+            // An inline table is a value no key accepts: the error proves the variable reached
+            // the key it is named after.
+            let var = format!("ONCELY_BILLING_{}", key.to_ascii_uppercase());
+            let env = |v: &str| (v == var).then(|| "{ a = 1 }".to_owned());
+            match Config::parse("t", GOOD, env) {
+                Err(ConfigError::Invalid { key: at, .. }) => {
+                    assert_eq!(at, format!("consumers.billing.{key}"), "{var}")
+                }
+                other => panic!("{var} was not applied: {other:?}"),
+            }
+        }
+        let env = |v: &str| (v == "ONCELY_BILLING_QUEUE_TYPE").then(|| "classic".to_owned());
+        assert_eq!(
+            match Config::parse("t", GOOD, env) {
+                Err(ConfigError::Invalid { key, .. }) => key,
+                other => panic!("expected delivery_limit refused on classic, got {other:?}"),
+            },
+            "consumers.billing.delivery_limit"
+        );
+    }
+
+    #[test]
+    fn every_consumer_key_is_documented() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md");
+        let doc = std::fs::read_to_string(path).expect("docs/configuration.md");
+        for key in field_names::<ConsumerSection>() {
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "{key} is not in {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key_and_the_form_expected() {
+        let section = "[consumers.billing]\nqueue = \"q\"\nexchange = \"e\"\n";
+        for (text, at) in [
+            (
+                "handler_timeout = \"soon\"",
+                "consumers.billing.handler_timeout",
+            ),
+            ("max_delay = 30", "consumers.billing.max_delay"),
+            (
+                "retry_tiers = [\"1s\", \"1 fortnight\"]",
+                "consumers.billing.retry_tiers[1]",
+            ),
+        ] {
+            match parse(&format!("{section}{text}")) {
+                Err(ConfigError::Invalid { key, problem }) => {
+                    assert_eq!(key, at);
+                    assert!(problem.contains("expected a duration"), "{problem}");
+                    assert!(problem.contains("\"30s\""), "{problem}");
+                }
+                other => panic!("expected {at} refused, got {other:?}"),
+            }
+        }
+        let env = |v: &str| (v == "ONCELY_BILLING_BATCH_WAIT").then(|| "soon".to_owned());
+        match Config::parse("t", &format!("{section}batch_size = 5"), env) {
+            Err(err @ ConfigError::Invalid { .. }) => assert!(
+                err.to_string()
+                    .starts_with("consumers.billing.batch_wait: invalid value: string \"soon\""),
+                "{err}"
+            ),
+            other => panic!("expected batch_wait refused, got {other:?}"),
+        }
     }
 }
