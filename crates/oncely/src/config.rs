@@ -30,9 +30,7 @@
 //! variable) at fault.
 
 use crate::{QueueType, RetryPolicy, Topology};
-use oncely_amqp::{
-    BatchOptions, ConsumerOptions, DEFAULT_CONCURRENCY, DEFAULT_PREFETCH, LOCAL_AMQP_URL,
-};
+use oncely_amqp::{BatchOptions, ConsumerOptions, LOCAL_AMQP_URL};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -320,12 +318,8 @@ fn check_consumer(name: &str, raw: ConsumerSection) -> Result<ConsumerSettings, 
             return Err(invalid(key(k), "must be 1 to 255 bytes"));
         }
     }
-    // The defaults and the rules are the runtime's own (`ConsumerOptions`): strict order runs
-    // one delivery at a time; batched mode's prefetch lets every batch fill.
+    // The defaults and the rules are the runtime's own (`ConsumerOptions::set_flow`).
     let strict = raw.strict_order;
-    let concurrency = raw
-        .concurrency
-        .unwrap_or(if strict { 1 } else { DEFAULT_CONCURRENCY });
     let batch_options = raw
         .batch_size
         .filter(|n| *n > 0)
@@ -333,19 +327,12 @@ fn check_consumer(name: &str, raw: ConsumerSection) -> Result<ConsumerSettings, 
             max_messages,
             max_wait: raw.batch_wait.unwrap_or(Duration::from_millis(20)),
         });
-    let prefetch = raw.prefetch.unwrap_or(match (strict, batch_options) {
-        (true, _) => 1,
-        (false, Some(batch)) => batch.prefetch_for(concurrency),
-        (false, None) => DEFAULT_PREFETCH,
-    });
     let mut options = ConsumerOptions::new(name, LOCAL_AMQP_URL, Topology::new("e", "q"));
-    options.concurrency = concurrency;
-    options.prefetch = prefetch;
-    options.batch = batch_options;
-    options.retry_in_place = strict;
+    options.set_flow(raw.concurrency, raw.prefetch, batch_options, strict);
     options
         .validate()
         .map_err(|e| invalid(key(e.setting), e.problem))?;
+    let (concurrency, prefetch) = (options.concurrency, options.prefetch);
     if raw.delivery_limit.is_some() && raw.queue_type != QueueType::Quorum {
         return Err(invalid(
             key("delivery_limit"),

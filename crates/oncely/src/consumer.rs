@@ -414,16 +414,12 @@ impl<H: Handler> ConsumerBuilder<H> {
         {
             options.fault_injection = self.fault_injection;
         }
-        options.retry_in_place = self.retry_in_place;
-        if let Some(v) = self.concurrency {
-            options.concurrency = v;
-        }
-        options.batch = self.batch;
-        options.prefetch = match (self.prefetch, self.batch) {
-            (Some(v), _) => v,
-            (None, Some(batch)) => batch.prefetch_for(options.concurrency),
-            (None, None) => options.prefetch,
-        };
+        options.set_flow(
+            self.concurrency,
+            self.prefetch,
+            self.batch,
+            self.retry_in_place,
+        );
         if let Some(v) = self.confirm_timeout {
             options.confirm_timeout = v;
         }

@@ -232,6 +232,31 @@ impl ConsumerOptions {
         }
     }
 
+    /// Sets how deliveries flow, the one place the dependent defaults are decided (the builder
+    /// and the configuration file both call it): `concurrency` and `prefetch` as given, and what
+    /// is not given from the mode. Strict order (`retry_in_place`): 1 and 1. Batched: concurrency
+    /// [`DEFAULT_CONCURRENCY`], prefetch [`BatchOptions::prefetch_for`] that concurrency, so
+    /// batches can fill. Otherwise [`DEFAULT_CONCURRENCY`] and [`DEFAULT_PREFETCH`]. Nothing is
+    /// clamped: [`validate`](Self::validate) refuses what does not fit together.
+    pub fn set_flow(
+        &mut self,
+        concurrency: Option<usize>,
+        prefetch: Option<u16>,
+        batch: Option<BatchOptions>,
+        strict_order: bool,
+    ) -> &mut Self {
+        self.retry_in_place = strict_order;
+        self.batch = batch;
+        self.concurrency =
+            concurrency.unwrap_or(if strict_order { 1 } else { DEFAULT_CONCURRENCY });
+        self.prefetch = prefetch.unwrap_or(match (strict_order, batch) {
+            (true, _) => 1,
+            (false, Some(batch)) => batch.prefetch_for(self.concurrency),
+            (false, None) => DEFAULT_PREFETCH,
+        });
+        self
+    }
+
     /// Checks the settings the runtime cannot run with, the same for the builder and the
     /// configuration file: nothing is clamped or dropped silently.
     ///
@@ -454,6 +479,50 @@ impl ConsumerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_fills_what_is_not_given_from_the_mode() {
+        let batch = BatchOptions {
+            max_messages: 50,
+            max_wait: Duration::from_millis(20),
+        };
+        let flow = |c, p, b, s| {
+            let mut o = options();
+            o.set_flow(c, p, b, s);
+            (
+                o.concurrency,
+                o.prefetch,
+                o.batch.is_some(),
+                o.retry_in_place,
+            )
+        };
+        assert_eq!(
+            flow(None, None, None, false),
+            (DEFAULT_CONCURRENCY, DEFAULT_PREFETCH, false, false)
+        );
+        assert_eq!(flow(None, None, None, true), (1, 1, false, true));
+        assert_eq!(
+            flow(None, None, Some(batch), false),
+            (
+                DEFAULT_CONCURRENCY,
+                batch.prefetch_for(DEFAULT_CONCURRENCY),
+                true,
+                false
+            )
+        );
+        assert_eq!(
+            flow(Some(2), None, Some(batch), false),
+            (2, 100, true, false)
+        );
+        assert_eq!(flow(Some(4), Some(9), None, false), (4, 9, false, false));
+        // Given values are kept, not clamped: validate refuses what does not fit.
+        let mut o = options();
+        o.set_flow(Some(4), None, None, true);
+        assert_eq!(o.validate().map_err(|e| e.setting), Err("strict_order"));
+        let mut o = options();
+        o.set_flow(None, None, Some(batch), true);
+        assert_eq!(o.validate().map_err(|e| e.setting), Err("strict_order"));
+    }
 
     fn options() -> ConsumerOptions {
         ConsumerOptions::new("billing", LOCAL_AMQP_URL, Topology::new("e", "q"))
