@@ -2,7 +2,7 @@
 
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
-use diesel::sql_types::BigInt;
+use diesel::sql_types::{BigInt, Bool};
 use diesel::{Connection, RunQueryDsl};
 use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
@@ -49,8 +49,8 @@ pub async fn run_migrations(
         .map(|applied| applied.len())
 }
 
-/// The key of the PostgreSQL advisory lock migrations are applied under (`oncely-migrations`
-/// in ASCII, as a number): one database, one migrating process at a time.
+/// The key of the PostgreSQL advisory lock migrations are applied under (the bytes of
+/// `oncelymg` as a number): one database, one migrating process at a time.
 pub const MIGRATION_LOCK_KEY: i64 = 0x6f6e_6365_6c79_6d67;
 
 /// Applies the pending migrations of `source` (embedded, or a Diesel migrations directory) to
@@ -59,6 +59,11 @@ pub const MIGRATION_LOCK_KEY: i64 = 0x6f6e_6365_6c79_6d67;
 /// The migrations run under a session advisory lock ([`MIGRATION_LOCK_KEY`]): replicas that
 /// start together wait for each other instead of racing on the same `CREATE TABLE`, and each
 /// finds what the first applied. The lock ends with the connection, even if a migration fails.
+///
+/// A waiting process polls `pg_try_advisory_lock` between short sleeps rather than blocking in
+/// `pg_advisory_lock`: a statement left waiting would hold a snapshot, and a migration that
+/// runs `CREATE INDEX CONCURRENTLY` waits for every older snapshot, so the two would deadlock.
+/// It logs every 10 s while it waits, and waits as long as the other process migrates.
 pub async fn apply_migrations<S>(
     database_url: &str,
     source: S,
@@ -75,22 +80,51 @@ where
                     source,
                 }
             })?;
-        let lock = |conn: &mut AsyncConnectionWrapper<AsyncPgConnection>, sql: &str| {
-            diesel::sql_query(sql)
-                .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
-                .execute(conn)
-                .map_err(|e| MigrationError::Apply(format!("migration lock: {e}")))
-        };
-        lock(&mut conn, "SELECT pg_advisory_lock($1)")?;
+        take_migration_lock(&mut conn)?;
         let applied = conn
             .run_pending_migrations(source)
             .map(|applied| applied.iter().map(ToString::to_string).collect())
             .map_err(|e| MigrationError::Apply(e.to_string()));
-        lock(&mut conn, "SELECT pg_advisory_unlock($1)")?;
+        // The result is what the migrations did: an unlock that fails (a lost connection) changes
+        // nothing, since the lock ends with the session anyway.
+        let _ = diesel::sql_query("SELECT pg_advisory_unlock($1)")
+            .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+            .execute(&mut conn);
         applied
     })
     .await
     .map_err(|e| MigrationError::Task(e.to_string()))?
+}
+
+#[derive(diesel::QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
+/// Takes [`MIGRATION_LOCK_KEY`] for this session, polling (see [`apply_migrations`]).
+fn take_migration_lock(
+    conn: &mut AsyncConnectionWrapper<AsyncPgConnection>,
+) -> Result<(), MigrationError> {
+    let started = std::time::Instant::now();
+    let mut logged = started;
+    loop {
+        let Locked { locked } = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+            .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+            .get_result(conn)
+            .map_err(|e| MigrationError::Apply(format!("migration lock: {e}")))?;
+        if locked {
+            return Ok(());
+        }
+        if logged.elapsed() >= std::time::Duration::from_secs(10) {
+            logged = std::time::Instant::now();
+            tracing::info!(
+                waited_secs = started.elapsed().as_secs(),
+                "waiting for another process to finish its migrations"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The SQL of [`INBOX_MIGRATIONS`], for tools that write it into a service's own migrations.

@@ -234,7 +234,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: origin.to_owned(),
-            message: e.to_string(),
+            message: syntax_message(text, &e),
         })?;
         apply_env(&mut table, &env);
         let file: File = serde_path_to_error::deserialize(toml::Value::Table(table))
@@ -374,6 +374,21 @@ fn check_consumer(name: &str, raw: ConsumerSection) -> Result<ConsumerSettings, 
         strict_order: strict,
         batch: batch_options.map(|b| (b.max_messages, b.max_wait)),
     })
+}
+
+/// The parser's text and where, without the snippet of the file it would quote: the line may
+/// hold a database URL with its password.
+fn syntax_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -522,6 +537,19 @@ mod tests {
         let err = parse("[consumers.billing]\nqueue = \"q\"\nexchange = \"e\"\nprefetc = 3")
             .expect_err("unknown key");
         assert!(err.to_string().contains("unknown field `prefetc`"), "{err}");
+    }
+
+    #[test]
+    fn a_syntax_error_does_not_quote_the_line_it_is_on() {
+        let text = "[connections]\ndatabase_url = \"postgres://app:s3cret@db/x\" oops\n";
+        match parse(text) {
+            Err(e @ ConfigError::Syntax { .. }) => {
+                let shown = format!("{e} {e:?}");
+                assert!(!shown.contains("s3cret"), "{shown}");
+                assert!(shown.contains("line 2"), "{shown}");
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
     }
 
     #[test]
