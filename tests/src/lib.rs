@@ -363,15 +363,13 @@ impl Harness {
 
     /// Invoices in this test's schema.
     pub async fn invoices(&self) -> i64 {
-        // A few tries: tests kill this pool's connections on purpose.
-        for _ in 0..5 {
-            if let Ok(mut conn) = self.pool.get().await
-                && let Ok(n) = billing::count_invoices(&mut conn, "").await
-            {
-                return n;
-            }
-        }
-        panic!("cannot count invoices");
+        counted("invoices", || async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            billing::count_invoices(&mut conn, "")
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
     }
 
     /// Order ids of the invoices, in the order they were created.
@@ -389,12 +387,13 @@ impl Harness {
 
     /// Messages the inbox holds as processed for the billing consumer.
     pub async fn processed(&self) -> i64 {
-        for _ in 0..5 {
-            if let Ok(n) = self.inbox.count_processed("billing").await {
-                return n;
-            }
-        }
-        panic!("cannot count processed messages");
+        counted("processed messages", || async {
+            self.inbox
+                .count_processed("billing")
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
     }
 
     /// Messages ready in `queue`.
@@ -636,4 +635,21 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             .flatten()
         })
         .sum()
+}
+
+/// A count, tried again for up to 15 s: tests kill the pool's connections on purpose, and a
+/// pool hands out each dead connection once before it opens new ones.
+async fn counted<F, Fut>(what: &str, mut count: F) -> i64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<i64, String>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match count().await {
+            Ok(n) => return n,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("cannot count {what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
